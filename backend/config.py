@@ -1,0 +1,114 @@
+"""Every setting in one place, read from the environment. ``python -m backend settings`` prints the table.
+
+Each setting is declared once (name, type, default, help); the README's table is generated from the same list.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from .labeling.crops import CropSettings
+from .labeling.factory import ModelSpec, tiny_spec
+from .labeling.prompts import DEFAULT_BACKGROUND, DEFAULT_TEMPLATE
+from .labeling.proposals import ProposalSettings
+
+# (name, type, default, help). Defaults reproduce the method's recipe; `--demo` swaps in the tiny models.
+SETTINGS: tuple[tuple[str, type, Any, str], ...] = (
+    ("CLIP_MODEL", str, "openai/clip-vit-base-patch32", "CLIP checkpoint: hub id (from the local cache) or a directory"),
+    ("DETECTOR", str, "fasterrcnn_resnet50_fpn_v2", "proposal detector: fasterrcnn_resnet50_fpn_v2, fasterrcnn_resnet50_fpn, fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_mobilenet_v3_large_320_fpn, tiny_shapes"),
+    ("DETECTOR_WEIGHTS", str, "", "detector state-dict file; empty = torchvision's COCO file in the torch hub cache"),
+    ("PROFILE", str, "default", "`default` (R50-FPN v2) or `cpu` (MobileNetV3-FPN detector: ~7x faster on a CPU, see README)"),
+    ("DEVICE", str, "auto", "`auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`"),
+    ("TORCH_THREADS", int, 0, "torch CPU threads; 0 = torch's default (all cores)"),
+    ("PROPOSAL_MODE", str, "detector", "`detector` (final boxes of any class) or `rpn` (objectness proposals: finds objects the detector has no class for)"),
+    ("PROPOSAL_THRESHOLD", float, 0.7, "minimum detector score (detector mode) or objectness (rpn mode) of a proposal"),
+    ("PROPOSAL_NMS_IOU", float, 0.5, "class-agnostic NMS IoU between proposals"),
+    ("PROPOSAL_MIN_SIZE", float, 2.0, "drop proposals narrower or lower than this many pixels"),
+    ("MAX_PROPOSALS", int, 100, "most proposals per image"),
+    ("DETECTOR_INPUT_SIZE", int, 0, "detector input short side in pixels; 0 = the model's own (800); smaller = faster"),
+    ("CROP_CONTEXT", float, 1.0, "scale crops around the box centre (1.25 shows 25 % context)"),
+    ("CROP_SQUARE", bool, False, "crop a square around the whole box (else CLIP's centre square of the short side)"),
+    ("CROP_MIN_SIZE", float, 0.0, "grow smaller boxes to this many pixels before cropping (context for tiny objects)"),
+    ("PROMPT_TEMPLATE", str, DEFAULT_TEMPLATE, "default prompt template(s) for labels without prompts; `;` separates several (averaged)"),
+    ("BACKGROUND_PROMPTS", str, ";".join(DEFAULT_BACKGROUND), "default background prompt(s), `;`-separated; regions won by one are dropped"),
+    ("CLIP_BATCH_SIZE", int, 32, "crops per CLIP forward pass"),
+    ("LABEL_STUDIO_URL", str, "", "Label Studio base URL for image downloads; empty = /setup's hostname"),
+    ("LABEL_STUDIO_API_KEY", str, "", "legacy token or personal access token; empty = /setup's access_token"),
+    ("LOCAL_FILES_DOCUMENT_ROOT", str, "", "read /data/local-files/ images from this directory when shared with LS"),
+    ("ALLOWED_HOSTS", str, "", "comma-separated hosts images may be fetched from; empty = any"),
+    ("IMAGE_MAX_BYTES", int, 50_000_000, "largest image download"),
+    ("IMAGE_TIMEOUT", float, 20.0, "seconds to connect to and read an image"),
+    ("MAX_IMAGE_PIXELS", int, 40_000_000, "largest decoded image (decompression-bomb guard)"),
+    ("DOWNLOAD_WORKERS", int, 8, "concurrent image downloads per predict call"),
+    ("PREDICT_BUDGET_SECONDS", float, 60.0, "a bulk /predict expected to take longer answers one result, so LS asks task by task (LS waits 100 s)"),
+    ("MODEL_DIR", str, "./model-state", "where learned state lives without Redis"),
+    ("REDIS_URL", str, "", "Redis for shared state and the RQ queue; empty = embedded"),
+    ("BASIC_AUTH_USER", str, "", "require HTTP Basic Auth on every route but /health"),
+    ("BASIC_AUTH_PASS", str, "", "its password"),
+    ("LOG_LEVEL", str, "INFO", "DEBUG, INFO, WARNING, ERROR"),
+)
+CPU_PROFILE = {"DETECTOR": "fasterrcnn_mobilenet_v3_large_fpn"}
+
+
+def _parse(kind: type, raw: str) -> Any:
+    if kind is bool:
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    return kind(raw)
+
+
+@dataclass(frozen=True)
+class Settings:
+    values: Mapping[str, Any]
+    demo: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, demo: bool = False) -> "Settings":
+        environ = os.environ if environ is None else environ
+        values = {}
+        for name, kind, default, _ in SETTINGS:
+            raw = environ.get(name, "")
+            try:
+                values[name] = _parse(kind, raw) if raw.strip() else default
+            except ValueError:
+                raise ValueError(f"setting {name}={raw!r} is not a valid {kind.__name__}") from None
+        if values["PROFILE"] == "cpu" and not environ.get("DETECTOR"):
+            values.update(CPU_PROFILE)
+        elif values["PROFILE"] not in ("default", "cpu"):
+            raise ValueError(f"PROFILE={values['PROFILE']!r}: use `default` or `cpu`")
+        return cls(values, demo)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def model_spec(self) -> ModelSpec:
+        v = self.values
+        proposals = ProposalSettings(mode=v["PROPOSAL_MODE"], score_threshold=v["PROPOSAL_THRESHOLD"],
+                                     nms_iou=v["PROPOSAL_NMS_IOU"], min_box_size=v["PROPOSAL_MIN_SIZE"],
+                                     max_proposals=v["MAX_PROPOSALS"], input_size=v["DETECTOR_INPUT_SIZE"] or None)
+        common = dict(device=v["DEVICE"], clip_batch_size=v["CLIP_BATCH_SIZE"], proposals=proposals)
+        if self.demo:
+            return tiny_spec(**common)
+        return ModelSpec(clip_model=v["CLIP_MODEL"], detector=v["DETECTOR"],
+                         detector_weights=v["DETECTOR_WEIGHTS"] or None,
+                         crops=CropSettings(v["CROP_CONTEXT"], v["CROP_SQUARE"], v["CROP_MIN_SIZE"]), **common)
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        return split_list(self["PROMPT_TEMPLATE"], ";")
+
+    @property
+    def background(self) -> tuple[str, ...]:
+        return split_list(self["BACKGROUND_PROMPTS"], ";")
+
+
+def split_list(raw: str, sep: str = ",") -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(sep) if part.strip())
+
+
+def settings_table() -> str:
+    """The Markdown table of every setting, as in the README."""
+    rows = ["| setting | default | what it does |", "|---|---|---|"]
+    rows += [f"| `{name}` | `{default}` | {help_} |" for name, _, default, help_ in SETTINGS]
+    return "\n".join(rows)
+

@@ -1,0 +1,116 @@
+"""CLIP through transformers: image/crop embeddings in batches, cached text embeddings, zero-shot scores.
+
+Any CLIP-family checkpoint in transformers format loads through ``Clip.load`` (hub id in the local cache, or
+a directory). Nothing is downloaded at run time.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoProcessor, CLIPModel
+from transformers.utils import logging as hf_logging
+
+from .errors import ModelUnavailable
+from .prompts import LabelSet
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto`` = CUDA when present, else CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+@dataclass(frozen=True)
+class PixelSpec:
+    """What the image tower expects: square side and normalisation (read from the checkpoint's processor)."""
+
+    size: int
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+class Clip:
+    """One loaded CLIP: embeds pixels and prompts, and turns embeddings into label probabilities."""
+
+    def __init__(self, model: CLIPModel, processor, device: torch.device, batch_size: int = 32,
+                 name: str = "clip"):
+        self.model = model.to(device).eval()
+        self.tokenizer = processor.tokenizer
+        image_processor = processor.image_processor
+        crop = image_processor.crop_size
+        side = crop["height"] if hasattr(crop, "__getitem__") else int(crop)  # SizeDict in transformers 5
+        self.pixels = PixelSpec(side, torch.tensor(image_processor.image_mean, dtype=torch.float32),
+                                torch.tensor(image_processor.image_std, dtype=torch.float32))
+        self.device = device
+        self.batch_size = batch_size
+        self.name = name
+        self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        self._text_lock = threading.Lock()
+
+    @classmethod
+    def load(cls, name_or_path: str, device: str = "auto", batch_size: int = 32) -> "Clip":
+        """Load from a local directory or the local hub cache; one clear error when it is not there."""
+        local = os.path.isdir(name_or_path)
+        hf_logging.disable_progress_bar()  # a bar per load is noise in a server log
+        try:
+            model = CLIPModel.from_pretrained(name_or_path, local_files_only=True)
+            processor = AutoProcessor.from_pretrained(name_or_path, local_files_only=True)
+        except (OSError, ValueError) as error:
+            where = f"directory {name_or_path}" if local else f"'{name_or_path}' in the Hugging Face cache"
+            raise ModelUnavailable(
+                f"CLIP model not found: {where} ({type(error).__name__}). This backend never downloads at run "
+                f"time. Set CLIP_MODEL to a local directory with a transformers CLIP checkpoint, or pre-download "
+                f"it on a machine with internet: `hf download {name_or_path}` (then copy ~/.cache/huggingface, "
+                f"or set HF_HOME). To try the backend without any download, use --demo.") from None
+        return cls(model, processor, pick_device(device), batch_size, name=name_or_path)
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp())
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalised pixels → (N, D) unit-length embeddings, in batches."""
+        if len(pixels) == 0:
+            return torch.zeros(0, self.model.config.projection_dim)
+        out = []
+        for start in range(0, len(pixels), self.batch_size):
+            batch = pixels[start:start + self.batch_size].to(self.device)
+            features = self.model.get_image_features(pixel_values=batch)
+            features = getattr(features, "pooler_output", features)  # transformers 5 returns an output object
+            out.append(F.normalize(features.float(), dim=-1).cpu())
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def embed_prompts(self, prompts: tuple[str, ...]) -> torch.Tensor:
+        """(P, D) unit-length text embeddings, computed once per prompt tuple."""
+        with self._text_lock:
+            cached = self._text_cache.get(prompts)
+        if cached is not None:
+            return cached
+        tokens = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt").to(self.device)
+        features = self.model.get_text_features(**tokens)
+        features = getattr(features, "pooler_output", features)
+        embedded = F.normalize(features.float(), dim=-1).cpu()
+        with self._text_lock:
+            self._text_cache[prompts] = embedded
+        return embedded
+
+    def class_embeddings(self, labelset: LabelSet) -> torch.Tensor:
+        """(L + B, D): one embedding per label (its prompts averaged) then one per background prompt."""
+        flat = tuple(p for prompts in labelset.prompts for p in prompts) + labelset.background
+        text = self.embed_prompts(flat)
+        per_label, start = [], 0
+        for prompts in labelset.prompts:
+            per_label.append(F.normalize(text[start:start + len(prompts)].mean(0), dim=-1))
+            start += len(prompts)
+        return torch.cat([torch.stack(per_label), text[start:]])
+
+    def logits(self, embeddings: torch.Tensor, labelset: LabelSet) -> torch.Tensor:
+        """(N, L + B) scaled cosine similarities of image embeddings with the label and background texts."""
+        return self.logit_scale * embeddings @ self.class_embeddings(labelset).T

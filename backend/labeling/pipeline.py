@@ -1,0 +1,126 @@
+"""Images → named regions and whole-image choices: proposals, crops, CLIP, background rejection.
+
+All crops of all images in a call go through CLIP together, in batches; each head (a ``LabelSet``) then only
+costs a matrix product against its cached text embeddings.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from .clip import Clip
+from .crops import CropSettings, crop_regions, cut_crops
+from .detections import Choice, Detections, ImageLabels
+from .prompts import LabelSet
+from .proposals import Proposals, Proposer
+
+# (head name, embeddings, zero-shot logits, label set) → logits; how learned corrections join in
+LogitAdjuster = Callable[[str, torch.Tensor, torch.Tensor, LabelSet], torch.Tensor]
+WHOLE_IMAGE = CropSettings()  # CLIP's own preprocessing: the centred square of the short side
+
+
+class StageTimes:
+    """Seconds spent per pipeline stage, summed over calls (for benchmarks and logs)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+
+class Labeler:
+    def __init__(self, clip: Clip, proposer: Proposer | None, crops: CropSettings = CropSettings(),
+                 adjust_logits: LogitAdjuster | None = None):
+        self.clip = clip
+        self.proposer = proposer
+        self.crops = crops
+        self.adjust_logits = adjust_logits
+        self.times = StageTimes()
+
+    def label(self, images: Sequence[torch.Tensor], heads: Mapping[str, LabelSet]) -> list[ImageLabels]:
+        """Label (3, H, W) uint8 upright images with every head."""
+        region_heads = {k: v for k, v in heads.items() if v.kind == "regions"}
+        choice_heads = {k: v for k, v in heads.items() if v.kind == "choices"}
+        proposals = [self.propose(image) for image in images] if region_heads else []
+        region_embeddings = self.embed_boxes(images, [p.boxes for p in proposals], self.crops)
+        image_embeddings = self.embed_whole(images) if choice_heads else []
+        results = []
+        for i, image in enumerate(images):
+            regions = {name: self.name_regions(name, proposals[i], region_embeddings[i], labelset)
+                       for name, labelset in region_heads.items()}
+            choices = {name: self.choose(name, image_embeddings[i:i + 1], labelset)
+                       for name, labelset in choice_heads.items()}
+            results.append(ImageLabels(image.shape[2], image.shape[1], regions, choices))
+        return results
+
+    def label_boxes(self, image: torch.Tensor, boxes: torch.Tensor, labelset: LabelSet) -> Detections:
+        """Name boxes a person drew: they are objects, so the best label wins even over background."""
+        embeddings = self.embed_boxes([image], [boxes.float().reshape(-1, 4)], self.crops)[0]
+        probs = self._logits("", embeddings, labelset)[:, : len(labelset.labels)].softmax(-1)
+        score, best = probs.max(-1) if len(probs) else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
+        return Detections(boxes.numpy(), score.numpy(), tuple(labelset.labels[i] for i in best.tolist()))
+
+    def propose(self, image: torch.Tensor) -> Proposals:
+        with self.times("detector"):
+            return self.proposer(image)
+
+    def embed_boxes(self, images: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor],
+                    settings: CropSettings) -> list[torch.Tensor]:
+        """CLIP embeddings of every box of every image, computed in shared batches, split back per image."""
+        if not boxes:
+            return []
+        spec = self.clip.pixels
+        with self.times("crops"):
+            crops = [cut_crops(image, crop_regions(b, settings), spec.size, spec.mean, spec.std)
+                     for image, b in zip(images, boxes)]
+        with self.times("clip"):
+            embeddings = self.clip.embed_pixels(torch.cat(crops))
+        return list(embeddings.split([len(b) for b in boxes]))
+
+    def embed_whole(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        full = [torch.tensor([[0.0, 0.0, image.shape[2], image.shape[1]]]) for image in images]
+        return torch.cat(self.embed_boxes(images, full, WHOLE_IMAGE))
+
+    def name_regions(self, head: str, proposals: Proposals, embeddings: torch.Tensor,
+                     labelset: LabelSet) -> Detections:
+        """Each proposal gets its most likely label; those won by a background prompt are dropped."""
+        if len(embeddings) == 0:
+            return Detections.empty()
+        probs = self._logits(head, embeddings, labelset).softmax(-1)
+        score, best = probs.max(-1)
+        keep = (best < len(labelset.labels)) & (score >= labelset.threshold)
+        return Detections(proposals.boxes[keep].numpy(), score[keep].numpy(),
+                          tuple(labelset.labels[i] for i in best[keep].tolist()), proposals.scores[keep].numpy())
+
+    def choose(self, head: str, embedding: torch.Tensor, labelset: LabelSet) -> tuple[Choice, ...]:
+        """Whole-image labels above threshold, best first.
+
+        Single-label: one softmax over labels and background prompts; nothing when background wins.
+        Multi-label: each label against the background prompts alone, so several can pass.
+        """
+        logits = self._logits(head, embedding, labelset)[0]
+        n = len(labelset.labels)
+        if labelset.multi_label and len(labelset.background):
+            background = logits[n:].logsumexp(0)
+            probs = torch.sigmoid(logits[:n] - background)
+            picked = [(labelset.labels[i], float(p)) for i, p in enumerate(probs) if p >= max(0.5, labelset.threshold)]
+        else:
+            probs = logits.softmax(-1)
+            best = int(probs.argmax())
+            picked = [(labelset.labels[best], float(probs[best]))] if best < n else []
+            picked = [c for c in picked if c[1] >= labelset.threshold]
+        return tuple(Choice(label, score) for label, score in sorted(picked, key=lambda c: -c[1]))
+
+    def _logits(self, head: str, embeddings: torch.Tensor, labelset: LabelSet) -> torch.Tensor:
+        logits = self.clip.logits(embeddings, labelset)
+        return self.adjust_logits(head, embeddings, logits, labelset) if self.adjust_logits else logits

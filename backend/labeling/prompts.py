@@ -1,0 +1,65 @@
+"""Label sets: the names to predict, the text prompts CLIP compares crops with, and the background prompts.
+
+>>> s = LabelSet.build(["Bee", "traffic_light"], prompts={"Bee": ["a photo of a bee in flight."]})
+>>> s.prompts
+(('a photo of a bee in flight.',), ('a photo of a traffic light.',))
+>>> s.background
+('mostly background',)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Literal, Mapping, Sequence
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+DEFAULT_BACKGROUND = ("mostly background",)
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """What one head predicts.
+
+    ``kind="regions"``: name detector proposals; a proposal whose best class is a background prompt is dropped.
+    ``kind="choices"``: classify the whole image. ``multi_label`` scores each label against the background
+    prompts on its own (several may apply); otherwise one softmax over all labels picks one.
+    ``threshold``: the minimum label probability kept. Several prompts per label are averaged (an ensemble).
+    """
+
+    labels: tuple[str, ...]
+    prompts: tuple[tuple[str, ...], ...]
+    background: tuple[str, ...] = DEFAULT_BACKGROUND
+    threshold: float = 0.0
+    kind: Literal["regions", "choices"] = "regions"
+    multi_label: bool = False
+
+    def __post_init__(self):
+        if not self.labels:
+            raise ValueError("a label set needs at least one label")
+        if len(self.prompts) != len(self.labels) or not all(self.prompts):
+            raise ValueError("every label needs at least one prompt")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"duplicate labels in {self.labels}")
+
+    @classmethod
+    def build(cls, labels: Sequence[str], prompts: Mapping[str, Sequence[str]] | None = None,
+              templates: Sequence[str] | str = DEFAULT_TEMPLATE,
+              background: Sequence[str] | str | None = DEFAULT_BACKGROUND, **options) -> "LabelSet":
+        """Prompts per label: the explicit ones given, else every template filled with the label's name."""
+        templates = (templates,) if isinstance(templates, str) else tuple(templates)
+        background = (background,) if isinstance(background, str) else tuple(background or ())
+        prompts = prompts or {}
+        per_label = tuple(tuple(prompts.get(label) or (t.format(label_text(label)) for t in templates))
+                          for label in labels)
+        return cls(tuple(labels), per_label, background, **options)
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes exactly when anything that shapes predictions changes."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def label_text(label: str) -> str:
+    """A label name as words for a prompt: ``traffic_light`` → ``traffic light``."""
+    return " ".join(label.replace("_", " ").replace("-", " ").split())

@@ -1,0 +1,91 @@
+"""Region proposals from a Faster R-CNN used class-agnostically: keep box and score, ignore its class.
+
+Two modes. ``detector``: the detector's final boxes of any class above ``score_threshold`` (0.7 = the
+method's value). ``rpn``: the region proposal network's boxes by objectness, which also finds objects the
+detector has no class for (a COCO detector knows no bees). Both end in class-agnostic NMS, a minimum box size
+and a cap on the count.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torchvision.models.detection.rpn import concat_box_prediction_layers
+from torchvision.ops import box_area, nms, remove_small_boxes
+
+
+@dataclass(frozen=True)
+class ProposalSettings:
+    mode: Literal["detector", "rpn"] = "detector"
+    score_threshold: float = 0.7
+    nms_iou: float = 0.5
+    min_box_size: float = 2.0       # pixels, both sides
+    max_proposals: int = 100
+    input_size: int | None = None   # detector input short side; None = the model's own (smaller = faster)
+
+
+@dataclass(frozen=True)
+class Proposals:
+    boxes: torch.Tensor    # (N, 4) xyxy pixels of the input image
+    scores: torch.Tensor   # (N,) detector confidence (detector mode) or objectness probability (rpn mode)
+
+
+class Proposer:
+    """Runs one torchvision ``GeneralizedRCNN`` on one image at a time (batching is not faster on a CPU)."""
+
+    def __init__(self, model: nn.Module, settings: ProposalSettings = ProposalSettings(),
+                 device: torch.device = torch.device("cpu")):
+        self.model = model.to(device).eval()
+        self.settings = settings
+        self.device = device
+        if settings.input_size:
+            transform = self.model.transform
+            ratio = transform.max_size / transform.min_size[0]
+            transform.min_size = (settings.input_size,)
+            transform.max_size = int(round(settings.input_size * ratio))
+        if settings.mode == "detector":
+            # the detector's own per-class threshold would hide boxes before ours sees them
+            self.model.roi_heads.score_thresh = min(settings.score_threshold, self.model.roi_heads.score_thresh)
+
+    @torch.inference_mode()
+    def __call__(self, image: torch.Tensor) -> Proposals:
+        """(3, H, W) uint8 image → class-agnostic proposals."""
+        pixels = image.to(self.device).float() / 255.0
+        boxes, scores = self._rpn(pixels) if self.settings.mode == "rpn" else self._detections(pixels)
+        return self._select(boxes.cpu(), scores.cpu())
+
+    def _detections(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model([pixels])[0]
+        return out["boxes"], out["scores"]
+
+    def _rpn(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RPN's post-NMS proposals with their objectness, mapped back to the input image."""
+        model = self.model
+        images, _ = model.transform([pixels])
+        features = model.backbone(images.tensors)
+        features = features if isinstance(features, dict) else {"0": features}
+        rpn = model.rpn
+        feature_list = list(features.values())
+        objectness, deltas = rpn.head(feature_list)
+        anchors = rpn.anchor_generator(images, feature_list)
+        per_level = [o[0].numel() for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        proposals = rpn.box_coder.decode(deltas.detach(), anchors).view(1, -1, 4)
+        boxes, scores = rpn.filter_proposals(proposals, objectness, images.image_sizes, per_level)
+        original = [tuple(pixels.shape[-2:])]
+        boxes = model.transform.postprocess([{"boxes": boxes[0]}], images.image_sizes, original)[0]["boxes"]
+        return boxes, scores[0]
+
+    def _select(self, boxes: torch.Tensor, scores: torch.Tensor) -> Proposals:
+        s = self.settings
+        keep = scores >= s.score_threshold
+        boxes, scores = boxes[keep], scores[keep]
+        keep = remove_small_boxes(boxes, s.min_box_size)
+        boxes, scores = boxes[keep], scores[keep]
+        keep = nms(boxes, scores, s.nms_iou)[: s.max_proposals]  # class-agnostic: one box per object
+        boxes, scores = boxes[keep], scores[keep]
+        keep = box_area(boxes) > 0
+        return Proposals(boxes[keep], scores[keep])
+
