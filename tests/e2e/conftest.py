@@ -1,0 +1,54 @@
+"""Fixtures for the end-to-end tests against a real Label Studio (see label_studio.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from .label_studio import LabelStudio, LabelStudioError, default_ls_venv
+
+# Timings of every Label Studio started in this session, printed in the terminal summary.
+_TIMINGS: list[str] = []
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/e2e is an end-to-end test (select with -m e2e / -m 'not e2e')."""
+    here = os.path.dirname(__file__)
+    for item in items:
+        if str(item.path).startswith(here + os.sep):
+            item.add_marker(pytest.mark.e2e)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _TIMINGS:
+        terminalreporter.section("Label Studio timings")
+        for line in _TIMINGS:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory) -> LabelStudio:
+    """One real Label Studio per test session, legacy token auth by default.
+
+    Tests that change organisation-wide settings (token settings) must restore them.
+    Without the Label Studio venv the e2e tests are skipped locally, but fail in CI.
+    """
+    exe = default_ls_venv() / "bin" / "label-studio"
+    if not exe.is_file():
+        message = f"{exe} not found: run `bash scripts/setup.sh` (or set LS_VENV)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    ls = LabelStudio(tmp_path_factory.mktemp("label-studio"))
+    try:
+        ls.start()
+    except LabelStudioError as e:
+        pytest.fail(str(e), pytrace=False)
+    t = ls.timings
+    _TIMINGS.append(
+        f"Label Studio {ls.url} pid {ls.pid}: template {t['template_s']:.1f} s,"
+        f" copy {t['copy_s']:.2f} s, start {t['start_s']:.1f} s"
+    )
+    yield ls
+    ls.stop()

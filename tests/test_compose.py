@@ -1,0 +1,106 @@
+"""docker-compose.yml: the services, ports, commands and environment the README promises.
+
+Parsed with PyYAML (anchors resolved), so no Docker is needed.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+COMPOSE_FILE = Path(__file__).resolve().parents[1] / "docker-compose.yml"
+
+QUEUE = "clip-ls"
+WSGI_APP = "backend.wsgi:app"
+# Settings the backend and the worker must receive (names read by backend/config.py).
+BACKEND_ENV = (
+    "LABEL_STUDIO_URL",
+    "LABEL_STUDIO_API_KEY",
+    "REDIS_URL",
+    "MODEL_DIR",
+    "CLIP_MODEL",
+    "DETECTOR",
+    "DETECTOR_WEIGHTS",
+)
+
+
+@pytest.fixture(scope="module")
+def services() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+
+
+def _env(service: dict) -> dict:
+    env = service.get("environment") or {}
+    if isinstance(env, list):  # ["NAME=value", ...]
+        env = dict(item.split("=", 1) if "=" in item else (item, None) for item in env)
+    return env
+
+
+def _command(service: dict) -> list[str]:
+    command = service["command"]
+    return shlex.split(command) if isinstance(command, str) else list(command)
+
+
+def _container_ports(service: dict) -> set[int]:
+    ports = set()
+    for port in service.get("ports", []):
+        target = port["target"] if isinstance(port, dict) else str(port).rsplit(":", 1)[-1]
+        ports.add(int(str(target).split("/")[0]))
+    return ports
+
+
+def test_services(services):
+    assert set(services) == {"label-studio", "backend", "worker", "redis"}
+
+
+def test_label_studio(services):
+    ls = services["label-studio"]
+    assert ls["image"] == "heartexlabs/label-studio:1.23.2"
+    assert 8080 in _container_ports(ls)
+    env = _env(ls)
+    # Without these Label Studio refuses a backend on a private network (protocol §1).
+    assert str(env["ML_BLOCK_LOCAL_IP"]).lower() == "false"
+    assert str(env["SSRF_PROTECTION_ENABLED"]).lower() == "false"
+    assert any(str(v).endswith(":/label-studio/data") for v in ls["volumes"])
+
+
+def test_backend(services):
+    backend = services["backend"]
+    assert "build" in backend
+    assert 9090 in _container_ports(backend)
+    command = _command(backend)
+    assert command[0] == "gunicorn"
+    assert command[-1] == WSGI_APP
+    assert "--preload" in command
+    assert command[command.index("--workers") + 1] == "1"
+    assert command[command.index("--timeout") + 1] == "0"
+    assert command[command.index("--bind") + 1] == "0.0.0.0:9090"
+    assert any(str(v).endswith(":/models") for v in backend["volumes"])
+
+
+def test_worker(services):
+    worker, backend = services["worker"], services["backend"]
+    assert worker["image"] == backend["image"]
+    command = _command(worker)
+    assert command[:2] == ["rq", "worker"]
+    assert command[-1] == QUEUE
+    assert command[command.index("--url") + 1] == "redis://redis:6379/0"
+
+
+def test_redis(services):
+    assert services["redis"]["image"].startswith("redis:7")
+
+
+@pytest.mark.parametrize("service", ["backend", "worker"])
+def test_backend_environment(services, service):
+    env = _env(services[service])
+    missing = [name for name in BACKEND_ENV if name not in env]
+    assert not missing, f"{service} lacks {missing}"
+    assert env["LABEL_STUDIO_URL"] == "http://label-studio:8080"
+    assert env["REDIS_URL"] == "redis://redis:6379/0"
+    assert env["MODEL_DIR"] == "/models"
+    # Secrets come from the caller's environment, never from the file.
+    assert env["LABEL_STUDIO_API_KEY"].startswith("${LABEL_STUDIO_API_KEY")
