@@ -16,9 +16,10 @@ its EXIF orientation applied: the same upright image the pipeline saw, so pixels
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
-import uuid
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -123,7 +124,9 @@ def _choices_items(control: Control, choices: tuple[Choice, ...]) -> list[dict]:
 
 
 def _item(control: Control, value: dict, score: float) -> dict:
-    return {"id": uuid.uuid4().hex[:10], "from_name": control.name, "to_name": control.to_name,
+    # ids derived from the content: the same image gives the same prediction, byte for byte (cache-friendly)
+    content = json.dumps([control.name, value], sort_keys=True, default=float)
+    return {"id": hashlib.sha1(content.encode()).hexdigest()[:10], "from_name": control.name, "to_name": control.to_name,
             "type": control.type, "value": value, "score": float(score)}
 
 

@@ -1,0 +1,158 @@
+"""The HTTP face of the backend: Label Studio's ML backend routes, every error as JSON.
+
+``create_app()`` builds a Flask app around one ``ClipBackend`` (models load here, once per process).
+Run it with ``gunicorn --preload --workers 1 --threads 8 --timeout 0 backend.wsgi:app`` or
+``python -m backend serve``.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+from .config import Settings
+from .studio.label_config import LabelConfigError
+
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 50 * 1024 * 1024
+
+
+class BadRequest(ValueError):
+    """The request is not what the protocol says; answered with 400 and the reason."""
+
+
+def create_app(settings: Settings | None = None, backend=None) -> Flask:
+    settings = settings or Settings.from_env()
+    logging.basicConfig(level=settings["LOG_LEVEL"].upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if backend is None:
+        from .labeling.factory import build_labeler, set_threads
+        from .model import ClipBackend
+        set_threads(settings["TORCH_THREADS"])
+        started = time.perf_counter()
+        backend = ClipBackend(settings, build_labeler(settings.model_spec()))
+        log.info("models loaded and warmed up in %.1f s (%s)", time.perf_counter() - started,
+                 "demo: tiny shapes models" if settings.demo else settings["CLIP_MODEL"])
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.json.sort_keys = False
+    app.extensions["clip_backend"] = backend
+
+    @app.before_request
+    def basic_auth():
+        user, password = settings["BASIC_AUTH_USER"], settings["BASIC_AUTH_PASS"]
+        if not user or request.path == "/health":
+            return None
+        auth = request.authorization
+        ok = (auth is not None and auth.type == "basic"
+              and hmac.compare_digest((auth.username or "").encode(), user.encode())
+              and hmac.compare_digest((auth.password or "").encode(), password.encode()))
+        if ok:
+            return None
+        response = jsonify(error="authentication required (HTTP Basic Auth)")
+        response.status_code = 401
+        response.headers["WWW-Authenticate"] = 'Basic realm="clip-ls"'
+        return response
+
+    @app.get("/")
+    @app.get("/health")
+    def health():
+        return jsonify(status="UP", model_class=type(backend).__name__)
+
+    @app.post("/setup")
+    def setup():
+        body = _json_object()
+        schema = _field(body, "schema", str)
+        return jsonify(backend.setup(schema, body.get("project"), _optional_str(body, "hostname"),
+                                     _optional_str(body, "access_token")))
+
+    @app.post("/predict")
+    def predict():
+        body = _json_object()
+        tasks = _field(body, "tasks", list)
+        if not tasks or not all(isinstance(t, dict) for t in tasks):
+            raise BadRequest("'tasks' must be a non-empty list of task objects")
+        params = body.get("params") if isinstance(body.get("params"), dict) else {}
+        context = params.get("context") if isinstance(params.get("context"), dict) else None
+        label_config = body.get("label_config") or _project_label_config(tasks)
+        if not isinstance(label_config, str):
+            raise BadRequest("'label_config' (the labeling config XML) is missing")
+        started = time.perf_counter()
+        results = backend.predict(tasks, label_config, body.get("project"), context)
+        log.info("predict: %d task(s) → %d result(s) in %.2f s", len(tasks), len(results),
+                 time.perf_counter() - started)
+        return jsonify(results=results)
+
+    @app.post("/webhook")
+    def webhook():
+        body = _json_object()
+        event = _field(body, "action", str)
+        return jsonify(backend.fit(event, body)), 201
+
+    @app.get("/versions")
+    def versions():
+        return jsonify(versions=backend.versions() if hasattr(backend, "versions") else [])
+
+    @app.errorhandler(BadRequest)
+    @app.errorhandler(LabelConfigError)
+    def bad_request(error):
+        return jsonify(error=str(error)), 400
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        return jsonify(error=error.description, status=error.code), error.code
+
+    @app.errorhandler(Exception)
+    def unexpected(error: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return jsonify(error=f"internal error: {type(error).__name__}: {error}"), 500
+
+    return app
+
+
+def _json_object() -> dict:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object (Content-Type: application/json)")
+    return body
+
+
+def _field(body: dict, name: str, kind: type):
+    value = body.get(name)
+    if not isinstance(value, kind):
+        raise BadRequest(f"'{name}' must be a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _optional_str(body: dict, name: str) -> str | None:
+    value = body.get(name)
+    return value if isinstance(value, str) and value else None
+
+
+def _project_label_config(tasks: list[dict]) -> str | None:
+    """Older callers send the config only inside each task's project."""
+    project = tasks[0].get("project")
+    return project.get("label_config") if isinstance(project, dict) else None
+
+
+def serve(args) -> int:
+    """``python -m backend serve``: gunicorn with upstream's conventions, embedded defaults, no Redis needed."""
+    from gunicorn.app.base import BaseApplication
+
+    settings = Settings.from_env(demo=args.demo)
+    app = create_app(settings)
+
+    class _Server(BaseApplication):
+        def load_config(self):
+            for key, value in {"bind": f"{args.host}:{args.port}", "workers": 1, "threads": args.threads,
+                               "timeout": 0, "accesslog": "-", "loglevel": settings["LOG_LEVEL"].lower()}.items():
+                self.cfg.set(key, value)
+
+        def load(self):
+            return app
+
+    _Server().run()
+    return 0
