@@ -69,7 +69,7 @@ class MatchScore:
 
 def scene_tensor(image) -> torch.Tensor:
     """A PIL scene image as the (3, H, W) uint8 tensor the pipeline takes."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 def score_scenes(labeler, scenes, labelset, ignore_labels: tuple[str, ...] = (), chunk: int = 16) -> MatchScore:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -21,6 +22,17 @@ from .proposals import Proposals, Proposer
 # (head name, embeddings, zero-shot logits, label set) → logits; how learned corrections join in
 LogitAdjuster = Callable[[str, torch.Tensor, torch.Tensor, LabelSet], torch.Tensor]
 WHOLE_IMAGE = CropSettings()  # CLIP's own preprocessing: the centred square of the short side
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    """What the models computed for one image, independent of labels and prompts (so it can be cached)."""
+
+    width: int
+    height: int
+    proposals: Proposals | None = None            # when regions were asked for
+    region_embeddings: torch.Tensor | None = None  # (N, D), one per proposal
+    image_embedding: torch.Tensor | None = None    # (D,), when whole-image choices were asked for
 
 
 class StageTimes:
@@ -49,18 +61,27 @@ class Labeler:
 
     def label(self, images: Sequence[torch.Tensor], heads: Mapping[str, LabelSet]) -> list[ImageLabels]:
         """Label (3, H, W) uint8 upright images with every head."""
-        region_heads = {k: v for k, v in heads.items() if v.kind == "regions"}
-        choice_heads = {k: v for k, v in heads.items() if v.kind == "choices"}
-        proposals = [self.propose(image) for image in images] if region_heads else []
-        region_embeddings = self.embed_boxes(images, [p.boxes for p in proposals], self.crops)
-        image_embeddings = self.embed_whole(images) if choice_heads else []
+        kinds = {labelset.kind for labelset in heads.values()}
+        return self.name(self.features(images, regions="regions" in kinds, whole="choices" in kinds), heads)
+
+    def features(self, images: Sequence[torch.Tensor], regions: bool = True, whole: bool = True) -> list[ImageFeatures]:
+        """The expensive, label-independent part: proposals and CLIP embeddings (batched across images)."""
+        proposals = [self.propose(image) for image in images] if regions else [None] * len(images)
+        region_embeddings = (self.embed_boxes(images, [p.boxes for p in proposals], self.crops) if regions
+                             else [None] * len(images))
+        image_embeddings = list(self.embed_whole(images)) if whole else [None] * len(images)
+        return [ImageFeatures(image.shape[2], image.shape[1], p, r, w)
+                for image, p, r, w in zip(images, proposals, region_embeddings, image_embeddings)]
+
+    def name(self, features: Sequence[ImageFeatures], heads: Mapping[str, LabelSet]) -> list[ImageLabels]:
+        """The cheap part: name regions and choose whole-image labels with each head's prompts."""
         results = []
-        for i, image in enumerate(images):
-            regions = {name: self.name_regions(name, proposals[i], region_embeddings[i], labelset)
-                       for name, labelset in region_heads.items()}
-            choices = {name: self.choose(name, image_embeddings[i:i + 1], labelset)
-                       for name, labelset in choice_heads.items()}
-            results.append(ImageLabels(image.shape[2], image.shape[1], regions, choices))
+        for f in features:
+            regions = {head: self.name_regions(head, f.proposals, f.region_embeddings, labelset)
+                       for head, labelset in heads.items() if labelset.kind == "regions"}
+            choices = {head: self.choose(head, f.image_embedding[None], labelset)
+                       for head, labelset in heads.items() if labelset.kind == "choices"}
+            results.append(ImageLabels(f.width, f.height, regions, choices))
         return results
 
     def label_boxes(self, image: torch.Tensor, boxes: torch.Tensor, labelset: LabelSet) -> Detections:
