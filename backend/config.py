@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from .labeling.crops import CropSettings
 from .labeling.factory import ModelSpec, tiny_spec
-from .labeling.prompts import DEFAULT_BACKGROUND, DEFAULT_TEMPLATE
+from .labeling.prompts import DEFAULT_BACKGROUND, DEFAULT_TEMPLATE, PromptDefaults
 from .labeling.proposals import ProposalSettings
 
 # (name, type, default, help). Defaults reproduce the method's recipe; `--demo` swaps in the tiny models.
@@ -92,6 +92,10 @@ class Settings:
         return ModelSpec(clip_model=v["CLIP_MODEL"], detector=v["DETECTOR"],
                          detector_weights=v["DETECTOR_WEIGHTS"] or None,
                          crops=CropSettings(v["CROP_CONTEXT"], v["CROP_SQUARE"], v["CROP_MIN_SIZE"]), **common)
+
+    @property
+    def prompt_defaults(self) -> PromptDefaults:
+        return PromptDefaults(self.templates, self.background)
 
     @property
     def templates(self) -> tuple[str, ...]:

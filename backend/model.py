@@ -18,6 +18,7 @@ from .config import Settings
 from .labeling.decode import ImageDecodeError, decode_image
 from .labeling.detections import ImageLabels
 from .labeling.pipeline import Labeler
+from .labeling.prompts import LabelSet, PromptDefaults
 from .studio.images import ImageFetchError, ImageFetcher
 from .studio.label_config import ProjectConfig, TaskDataError, parse_label_config
 from .studio.results import context_regions, prediction_for_task
@@ -27,8 +28,8 @@ CHUNK = 16  # images per pipeline call: CLIP batches across them, memory stays b
 
 
 @lru_cache(maxsize=64)
-def project_config(xml: str) -> ProjectConfig:
-    return parse_label_config(xml)
+def project_config(xml: str, defaults: PromptDefaults) -> ProjectConfig:
+    return parse_label_config(xml, defaults)
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ class ClipBackend:
 
     def setup(self, label_config: str, project=None, hostname: str | None = None,
               access_token: str | None = None) -> dict:
-        config = project_config(label_config)
+        config = project_config(label_config, self.settings.prompt_defaults)
         self.fetcher.use_setup_values(hostname, access_token)
         answer = {"model_version": self.model_version(config, project)}
         if config.problems:
@@ -72,7 +73,7 @@ class ClipBackend:
 
     # ------------------------------------------------------------------ predict
     def predict(self, tasks: list[dict], label_config: str, project=None, context: dict | None = None) -> list[dict]:
-        config = project_config(label_config)
+        config = project_config(label_config, self.settings.prompt_defaults)
         version = self.model_version(config, project)
         regions = context_regions(context)
         if regions:
@@ -163,7 +164,6 @@ class ClipBackend:
         and the time seeds the per-image estimate of the predict budget."""
         started = time.perf_counter()
         blank = torch.full((3, 480, 640), 127, dtype=torch.uint8)
-        from .labeling.prompts import LabelSet
         with self._inference:
             self.labeler.label([blank], {"warm-up": LabelSet.build(["object"])})
         return max(time.perf_counter() - started, 0.05)

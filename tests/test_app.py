@@ -112,6 +112,20 @@ def test_version_is_stable_and_changes_exactly_with_what_shapes_predictions(clie
     assert version(CONFIG.replace('<Label value="star"/>', "")) != first
 
 
+def test_prompt_settings_are_the_defaults_for_labels_without_prompts(backend):
+    def version(**env):
+        client = make_client(backend, **env)
+        return client.post("/setup", json={"schema": CONFIG}).get_json()["model_version"]
+
+    try:
+        default = version()
+        assert version(PROMPT_TEMPLATE="a {}") != default
+        assert version(BACKGROUND_PROMPTS="background;nothing") != default
+        assert version(PROMPT_TEMPLATE="a photo of a {}.") == default
+    finally:
+        make_client(backend)
+
+
 def test_predictions_are_valid_for_the_config_and_carry_the_setup_version(client):
     setup_version = client.post("/setup", json={"project": "1.1", "schema": CONFIG}).get_json()["model_version"]
     results = predict(client, [task(1, "scene_0.png"), task(2, "scene_1.png"), task(3, "scene_2.png")])

@@ -18,6 +18,14 @@ DEFAULT_BACKGROUND = ("mostly background",)
 
 
 @dataclass(frozen=True)
+class PromptDefaults:
+    """What a label set uses where its source (a labeling config, a --labels list) says nothing."""
+
+    templates: tuple[str, ...] = (DEFAULT_TEMPLATE,)
+    background: tuple[str, ...] = DEFAULT_BACKGROUND
+
+
+@dataclass(frozen=True)
 class LabelSet:
     """What one head predicts.
 

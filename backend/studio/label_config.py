@@ -34,7 +34,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
-from backend.labeling.prompts import DEFAULT_BACKGROUND, DEFAULT_TEMPLATE, LabelSet, label_text
+from backend.labeling.prompts import LabelSet, PromptDefaults, label_text
 
 # control tag (lower case) → (the result "type", LabelSet kind, the tag of its labels)
 SUPPORTED_CONTROLS = {
@@ -96,8 +96,11 @@ class ProjectConfig:
         return {control.name: control.labelset for control in self.controls}
 
 
-def parse_label_config(xml: str) -> ProjectConfig:
-    """Parse a labeling config. Raises LabelConfigError when it is malformed or has nothing to fill."""
+def parse_label_config(xml: str, defaults: PromptDefaults = PromptDefaults()) -> ProjectConfig:
+    """Parse a labeling config. Raises LabelConfigError when it is malformed or has nothing to fill.
+
+    ``defaults`` (the PROMPT_TEMPLATE / BACKGROUND_PROMPTS settings) apply where a control sets nothing.
+    """
     elements = list(_parse_xml(xml).iter())
     control_elements = [e for e in elements if _is_control(e)]
     objects_by_name: dict[str, list[ElementTree.Element]] = {}
@@ -115,7 +118,7 @@ def parse_label_config(xml: str) -> ProjectConfig:
         try:
             if control_name_counts[element.get("name")] > 1:
                 raise _Unusable("another control has the same name, so their results cannot be told apart")
-            controls.append(_control(element, _target_image(element, objects_by_name)))
+            controls.append(_control(element, _target_image(element, objects_by_name), defaults))
         except _Unusable as reason:
             problems.append(f"<{element.tag}> {element.get('name')!r}: {reason}")
     if not controls:
@@ -161,18 +164,18 @@ def _target_image(control: ElementTree.Element,
     return target
 
 
-def _control(element: ElementTree.Element, image: ElementTree.Element) -> Control:
+def _control(element: ElementTree.Element, image: ElementTree.Element, defaults: PromptDefaults) -> Control:
     tag = element.tag.lower()
     if tag not in SUPPORTED_CONTROLS:
         hint = HINTS.get(tag, "this backend fills only <RectangleLabels> and <Choices>")
         raise _Unusable(f"unsupported control type; {hint}")
     result_type, kind, label_tag = SUPPORTED_CONTROLS[tag]
-    labelset = _labelset(element, label_tag, kind=kind, multi_label=element.get("choice") == "multiple")
+    labelset = _labelset(element, label_tag, defaults, kind=kind, multi_label=element.get("choice") == "multiple")
     return Control(element.get("name"), element.get("toName"), result_type, image.get("value")[1:], labelset)
 
 
-def _labelset(element: ElementTree.Element, label_tag: str, **options) -> LabelSet:
-    templates = _templates(element)
+def _labelset(element: ElementTree.Element, label_tag: str, defaults: PromptDefaults, **options) -> LabelSet:
+    templates = _templates(element, defaults)
     names, prompts = [], []
     for label in (e for e in element.iter() if e.tag.lower() == label_tag):
         value = label.get("value")
@@ -186,12 +189,12 @@ def _labelset(element: ElementTree.Element, label_tag: str, **options) -> LabelS
         raise _Unusable(f"duplicate labels in {names}")
     background = element.get("model_background")
     return LabelSet(tuple(names), tuple(prompts),
-                    DEFAULT_BACKGROUND if background is None else _split(background),
+                    defaults.background if background is None else _split(background),
                     threshold=_threshold(element), **options)
 
 
-def _templates(element: ElementTree.Element) -> tuple[str, ...]:
-    templates = _split(element.get("model_prompt_template")) or (DEFAULT_TEMPLATE,)
+def _templates(element: ElementTree.Element, defaults: PromptDefaults) -> tuple[str, ...]:
+    templates = _split(element.get("model_prompt_template")) or defaults.templates
     for template in templates:
         if template.count("{}") != 1 or set("{}") & set(template.replace("{}", "")):
             raise _Unusable(f"model_prompt_template {template!r} needs exactly one {{}} where the label goes")
