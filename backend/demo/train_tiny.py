@@ -22,6 +22,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 
 from ..labeling.crops import CropSettings, crop_regions, cut_crops
 from ..labeling.detectors import build_tiny_shapes
+from .scoring import scene_tensor
 from .shapes import COLOURS, KNOWN_SHAPES, render_scene
 
 CROPS = CropSettings(context=1.25, square=True, min_size=16)  # what the tiny CLIP is trained to see
@@ -97,7 +98,7 @@ def _clip_samples(recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     crops, shapes, colours = [], [], []
     for _ in range(recipe.clip_scenes):
         scene = render_scene(rng, shapes=KNOWN_SHAPES)
-        image = torch.from_numpy(np.asarray(scene.image)).permute(2, 0, 1)
+        image = scene_tensor(scene.image)
         boxes, meta = [], []
         for obj in scene.objects:
             boxes.append(_jittered(rng, obj.box, rng.uniform(1.1, 1.6)))
@@ -255,7 +256,7 @@ def train_detector(recipe: Recipe, out_file: Path, log) -> dict:
             scene = render_scene(rng, shapes=KNOWN_SHAPES)
             if not scene.objects:
                 continue
-            images.append(torch.from_numpy(np.asarray(scene.image)).permute(2, 0, 1).float() / 255)
+            images.append(scene_tensor(scene.image).float() / 255)
             targets.append({"boxes": torch.tensor([o.box for o in scene.objects]),
                             "labels": torch.ones(len(scene.objects), dtype=torch.int64)})
         losses = model(images, targets)
