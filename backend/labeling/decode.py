@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000
 
@@ -33,6 +33,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Ten
                 pixels = np.asarray(upright).copy()
     except ImageDecodeError:
         raise
+    except UnidentifiedImageError:
+        raise ImageDecodeError("cannot decode image: not a format Pillow reads (or not an image at all)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
         raise ImageDecodeError(f"cannot decode image: {error}") from None
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
