@@ -8,7 +8,8 @@ import pytest
 
 from .label_studio import LabelStudio, LabelStudioError, default_ls_venv
 
-# Timings of every Label Studio started in this session, printed in the terminal summary.
+# Timings of every Label Studio started in this session, and of the end-to-end flows
+# (backend start, retrieve wall time, tasks/s), printed in the terminal summary.
 _TIMINGS: list[str] = []
 
 
@@ -22,7 +23,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_terminal_summary(terminalreporter):
     if _TIMINGS:
-        terminalreporter.section("Label Studio timings")
+        terminalreporter.section("Label Studio end-to-end timings")
         for line in _TIMINGS:
             terminalreporter.write_line(line)
 
@@ -52,3 +53,14 @@ def label_studio(tmp_path_factory) -> LabelStudio:
     )
     yield ls
     ls.stop()
+
+
+@pytest.fixture(scope="session")
+def e2e_timings():
+    """`record(line)`: add a line to the timings printed at the end of the session (and print it)."""
+
+    def record(line: str) -> None:
+        _TIMINGS.append(line)
+        print(f"[timing] {line}")
+
+    return record

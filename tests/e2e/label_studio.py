@@ -13,7 +13,9 @@ starts from a `cp -a` copy of it in a few seconds.
         print(ls.tasks(project["id"]))
 
 Requests authenticate with the fixed legacy token (`Authorization: Token ...`) unless a call
-passes `auth=` (a full header value such as `"Bearer <jwt>"`, or None for no header).
+passes `auth=` (a full header value such as `"Bearer <jwt>"`, or None for no header). Inside
+`with ls.legacy_tokens_off():` legacy tokens are switched off for the organisation and every
+call made without `auth=` sends a fresh `Bearer` access token instead; on exit they are on again.
 """
 
 from __future__ import annotations
@@ -177,6 +179,8 @@ class LabelStudio:
         self.timings: dict[str, float] = {}
         self.http = requests.Session()
         self._pat: str | None = None
+        self._bearer: tuple[str, float] | None = None  # (header value, monotonic time it was made)
+        self._use_bearer = False  # inside legacy_tokens_off(): default auth is a Bearer access token
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -272,7 +276,7 @@ class LabelStudio:
         """
         headers = dict(kwargs.pop("headers", None) or {})
         if auth is _DEFAULT:
-            auth = f"Token {LEGACY_TOKEN}"
+            auth = self._cached_bearer() if self._use_bearer else f"Token {LEGACY_TOKEN}"
         if auth is not None:
             headers["Authorization"] = auth
         kwargs.setdefault("timeout", 300)
@@ -336,6 +340,10 @@ class LabelStudio:
     def ml_backends(self, project_id: int) -> list[dict]:
         return self.api("GET", "/api/ml", params={"project": project_id})
 
+    def ml_backend(self, ml_id: int) -> dict:
+        """`GET /api/ml/N`: `state` is CO (connected), DI, ER (error: see `error_message`), TR, PR."""
+        return self.api("GET", f"/api/ml/{ml_id}")
+
     def update_ml_backend(self, ml_id: int, project_id: int, url: str, **fields: Any) -> dict:
         # PATCH without url and project answers 500 in 1.23.2.
         return self.api("PATCH", f"/api/ml/{ml_id}", json={"project": project_id, "url": url, **fields})
@@ -383,6 +391,19 @@ class LabelStudio:
     def annotations(self, task_id: int) -> list[dict]:
         return self.api("GET", f"/api/tasks/{task_id}/annotations")
 
+    def task(self, task_id: int) -> dict:
+        """`GET /api/tasks/ID`, what opening a task in the editor calls: it asks the ML backend
+        for a prediction when the task has none."""
+        return self.api("GET", f"/api/tasks/{task_id}")
+
+    # ---------------------------------------------------------------- browser login
+
+    def session_cookies(self) -> dict[str, str]:
+        """Cookies of a fresh browser session logged in as the admin (e.g. for a headless browser)."""
+        web = requests.Session()
+        self._login(web)
+        return {c.name: c.value for c in web.cookies}
+
     # ---------------------------------------------------------------- tokens
 
     def personal_access_token(self) -> str:
@@ -393,6 +414,19 @@ class LabelStudio:
         if self._pat:
             return self._pat
         web = requests.Session()
+        login, csrf = self._login(web)
+        r = web.post(
+            f"{self.url}/api/token/",
+            headers={"X-CSRFToken": web.cookies.get("csrftoken", csrf), "Referer": login},
+            timeout=60,
+        )
+        if r.status_code not in (200, 201):
+            raise LabelStudioError(f"POST /api/token/ -> {r.status_code}: {r.text[:500]}")
+        self._pat = r.json()["token"]
+        return self._pat
+
+    def _login(self, web: requests.Session) -> tuple[str, str]:
+        """Log `web` in through the login form; returns the login URL and the CSRF token."""
         login = f"{self.url}/user/login/"
         r = web.get(login, timeout=60)
         r.raise_for_status()
@@ -408,15 +442,7 @@ class LabelStudio:
         )
         if r.status_code not in (301, 302) or "sessionid" not in web.cookies:
             raise LabelStudioError(f"login failed: {r.status_code} {r.text[:500]}")
-        r = web.post(
-            f"{self.url}/api/token/",
-            headers={"X-CSRFToken": web.cookies.get("csrftoken", csrf), "Referer": login},
-            timeout=60,
-        )
-        if r.status_code not in (200, 201):
-            raise LabelStudioError(f"POST /api/token/ -> {r.status_code}: {r.text[:500]}")
-        self._pat = r.json()["token"]
-        return self._pat
+        return login, csrf
 
     def access_token(self, pat: str | None = None) -> str:
         """A short-lived (300 s) access JWT for `Authorization: Bearer ...`, from a PAT."""
@@ -426,6 +452,28 @@ class LabelStudio:
     def bearer(self) -> str:
         """`auth=` value with a fresh access token."""
         return f"Bearer {self.access_token()}"
+
+    def _cached_bearer(self) -> str:
+        """A Bearer header reused for up to 4 of the access token's 5 minutes."""
+        if self._bearer is None or time.monotonic() - self._bearer[1] > 240:
+            self._bearer = (f"Bearer {self.access_token()}", time.monotonic())
+        return self._bearer[0]
+
+    @contextmanager
+    def legacy_tokens_off(self) -> Iterator[str]:
+        """Legacy tokens off for the organisation while inside; yields the admin's PAT.
+
+        Calls without `auth=` authenticate with a Bearer access token meanwhile. On exit legacy
+        tokens are switched on again (other tests rely on them), even after a failure.
+        """
+        pat = self.personal_access_token()
+        self.set_token_settings(legacy=False, auth=self._cached_bearer())
+        self._use_bearer = True
+        try:
+            yield pat
+        finally:
+            self._use_bearer = False
+            self.set_token_settings(legacy=True, auth=self._cached_bearer())
 
     def jwt_settings(self, auth: Any = _DEFAULT) -> dict:
         return self.api("GET", "/api/jwt/settings", auth=auth)
