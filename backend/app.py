@@ -18,6 +18,7 @@ from .studio.label_config import LabelConfigError
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 50 * 1024 * 1024
+MAX_CONFIG_CHARS = 2 * 1024 * 1024   # real labeling configs are kilobytes; parsed configs are cached per process
 
 
 class BadRequest(ValueError):
@@ -65,7 +66,7 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
     @app.post("/setup")
     def setup():
         body = _json_object()
-        schema = _field(body, "schema", str)
+        schema = _config(_field(body, "schema", str))
         return jsonify(backend.setup(schema, body.get("project"), _optional_str(body, "hostname"),
                                      _optional_str(body, "access_token")))
 
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
         label_config = body.get("label_config") or _project_label_config(tasks)
         if not isinstance(label_config, str):
             raise BadRequest("'label_config' (the labeling config XML) is missing")
+        _config(label_config)
         started = time.perf_counter()
         results = backend.predict(tasks, label_config, body.get("project"), context)
         log.info("predict: %d task(s) → %d result(s) in %.2f s", len(tasks), len(results),
@@ -114,7 +116,10 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
 
 
 def _json_object() -> dict:
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:   # the JSON decoder recurses per nesting level
+        raise BadRequest("the JSON body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object (Content-Type: application/json)")
     return body
@@ -125,6 +130,12 @@ def _field(body: dict, name: str, kind: type):
     if not isinstance(value, kind):
         raise BadRequest(f"'{name}' must be a {kind.__name__}, got {type(value).__name__}")
     return value
+
+
+def _config(xml: str) -> str:
+    if len(xml) > MAX_CONFIG_CHARS:
+        raise BadRequest(f"the labeling config is {len(xml):,} characters, above the limit of {MAX_CONFIG_CHARS:,}")
+    return xml
 
 
 def _optional_str(body: dict, name: str) -> str | None:
@@ -148,7 +159,8 @@ def serve(args) -> int:
     class _Server(BaseApplication):
         def load_config(self):
             for key, value in {"bind": f"{args.host}:{args.port}", "workers": 1, "threads": args.threads,
-                               "timeout": 0, "accesslog": "-", "loglevel": settings["LOG_LEVEL"].lower()}.items():
+                               "timeout": 0, "accesslog": "-", "loglevel": settings["LOG_LEVEL"].lower(),
+                               "control_socket_disable": True}.items():  # one per host: backends would collide
                 self.cfg.set(key, value)
 
         def load(self):

@@ -18,16 +18,18 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import parse_qs, urljoin, urlsplit
+from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
 
 import requests
 import urllib3
 
+log = logging.getLogger(__name__)
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 WEB_SCHEMES = ("http", "https")
 DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -72,6 +74,12 @@ class ImageFetcher:
 
     def fetch(self, url: str, task_id: int | None = None) -> bytes:
         """The bytes of one task image. Raises ImageFetchError."""
+        try:
+            return self._fetch(url, task_id)
+        except ValueError as error:   # malformed URLs and paths: an invalid IPv6 host, a NUL byte in a file name
+            raise ImageFetchError(f"refused {url!r}: malformed ({error})") from None
+
+    def _fetch(self, url: str, task_id: int | None) -> bytes:
         url = url.strip()
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -92,11 +100,32 @@ class ImageFetcher:
                 return self.fetch(*item)
             except ImageFetchError as error:
                 return error
+            except Exception as error:  # noqa: BLE001 - a bug met by one image must cost only its task
+                log.exception("unexpected error fetching %r", item[0])
+                return ImageFetchError(f"could not fetch {item[0]!r}: {type(error).__name__}: {error}")
 
         if not items:
             return []
         with ThreadPoolExecutor(min(max_workers, len(items)), thread_name_prefix="fetch-image") as pool:
             return list(pool.map(attempt, items))
+
+    @property
+    def setup_values(self) -> tuple[str | None, str | None]:
+        """What /setup sent (hostname, access_token), to hand to another process (an RQ worker)."""
+        return self._setup_hostname, self._setup_access_token
+
+    def get_json(self, path: str, params: dict | None = None):
+        """GET a Label Studio API path (e.g. ``/api/tasks``) with the API key; the decoded JSON.
+        Raises ImageFetchError (with the same hints as image downloads)."""
+        url = self._on_label_studio(path + ("?" + urlencode(params) if params else ""), path)
+        deadline = time.monotonic() + self.timeout
+        with self._get(url, path, deadline) as response:
+            self._check_status(response, url, path)
+            body = self._read_body(response, path, deadline)
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise ImageFetchError(f"Label Studio answered {path!r} with something that is not JSON") from None
 
     @property
     def _label_studio(self) -> str | None:
