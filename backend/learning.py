@@ -1,0 +1,413 @@
+"""Learning from corrections: Label Studio events → per-project few-shot memory → better next predictions.
+
+Serving side (``Learning``, one per backend process):
+  - ``handle(event, data)`` answers a webhook at once: training events become a background job, deletions are
+    applied to the store directly (no model needed);
+  - ``versioned(base, project)`` reads the project's stored memory (cached per revision), pins it for the
+    predictions this request thread makes next, and returns the model version: the base version when the
+    memory is empty, else the base plus a digest of the memory. So the version changes exactly when a new
+    state is stored, and predictions always carry the version of the state that made them;
+  - ``adjust_logits`` is the ``Labeler`` hook that adds the pinned memory to the zero-shot logits;
+  - ``record_predictions`` keeps what was predicted per task (Label Studio's ``annotation.prediction`` is
+    usually empty), so that boxes an annotator deleted can be learned as background.
+
+Working side (``Learner``, in the backend's job thread or in an RQ worker): fetch the task image, embed the
+annotated boxes (and whole images for Choices) with the Labeler's crop settings, and store one record per
+annotation: ANNOTATION_UPDATED replaces it, ANNOTATIONS_DELETED forgets it, START_TRAINING rebuilds the whole
+memory from the annotations that Label Studio's API lists.
+
+Events and what they do:
+
+    ANNOTATION_CREATED, ANNOTATION_UPDATED, ANNOTATIONS_CREATED   learn (cancelled annotations: nothing, or
+                                                                  forget what an earlier version taught)
+    START_TRAINING                                                rebuild from /api/tasks (needs Label Studio's
+                                                                  address and a key)
+    ANNOTATIONS_DELETED, TASKS_DELETED                            forget
+    anything else                                                 ignored
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import replace
+from datetime import datetime
+from typing import Iterable
+
+import torch
+from torchvision.ops import box_iou
+
+from .jobs import InProcessJobs, RQJobs
+from .labeling.adapter import AdapterSettings, Examples, Memory, adjust_logits
+from .labeling.decode import ImageDecodeError, decode_image
+from .labeling.factory import ModelSpec
+from .labeling.pipeline import Labeler
+from .labeling.prompts import LabelSet
+from .labeling.proposals import ProposalSettings
+from .store import Change, Store, open_store
+from .studio.images import ImageFetchError, ImageFetcher
+from .studio.label_config import ProjectConfig, TaskDataError, parse_label_config
+from .studio.results import regions_from_results
+
+log = logging.getLogger(__name__)
+
+LEARN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+FORGET_EVENTS = ("ANNOTATIONS_DELETED", "TASKS_DELETED")
+DELETED_IOU = 0.5        # a predicted box without an annotated box of at least this IoU was deleted: background
+TASKS_PAGE_SIZE = 100
+EMPTY = Memory()
+
+
+def embedding_space(spec: ModelSpec) -> str:
+    """Identifies what produced the embeddings: the CLIP model (its files) and the crop settings."""
+    return replace(spec, detector="", detector_weights=None, proposals=ProposalSettings()).fingerprint
+
+
+def source_key(annotation_id) -> str:
+    return f"annotation:{annotation_id}"
+
+
+class Learning:
+    """The serving side; see the module docstring."""
+
+    def __init__(self, store: Store, jobs, space: str, clip, fetcher: ImageFetcher | None = None,
+                 demo: bool = False, adapter: AdapterSettings = AdapterSettings()):
+        self.store = store
+        self.jobs = jobs
+        self.space = space
+        self.clip = clip
+        self.fetcher = fetcher
+        self.demo = demo
+        self.adapter = adapter
+        self._pinned = threading.local()
+
+    @classmethod
+    def for_backend(cls, settings, labeler: Labeler, fetcher: ImageFetcher, lock=None) -> "Learning":
+        """Redis store + RQ jobs when REDIS_URL is set, else SQLite under MODEL_DIR + a job thread."""
+        store = open_store(settings)
+        space = embedding_space(settings.model_spec())
+        if settings["REDIS_URL"]:
+            jobs = RQJobs(settings["REDIS_URL"])
+        else:
+            jobs = InProcessJobs(Learner(labeler, store, fetcher, space, lock).run)
+        return cls(store, jobs, space, labeler.clip, fetcher, settings.demo)
+
+    # ------------------------------------------------------------------ predictions
+    def versioned(self, base_version: str, project) -> str:
+        """The model version for this project's stored memory; pins that memory for this thread's next labeling."""
+        project_id = project_id_of(project)
+        memory = self.store.memory(project_id, self.space)[1] if project_id is not None else EMPTY
+        self._pinned.memory = memory
+        if not memory.token:
+            return base_version
+        return f"{base_version}-{hashlib.sha256(f'{base_version}:{memory.token}'.encode()).hexdigest()[:8]}"
+
+    def memory(self, project) -> Memory:
+        project_id = project_id_of(project)
+        return self.store.memory(project_id, self.space)[1] if project_id is not None else EMPTY
+
+    def adjust_logits(self, head: str, embeddings: torch.Tensor, logits: torch.Tensor,
+                      labelset: LabelSet) -> torch.Tensor:
+        memory = getattr(self._pinned, "memory", None)
+        if not memory:
+            return logits
+        return adjust_logits(memory, head, embeddings, logits, labelset, lambda e: self.clip.logits(e, labelset),
+                             self.clip.logit_scale, self.adapter)
+
+    def record_predictions(self, project, tasks: list[dict], results: list[dict]) -> None:
+        """Remember the boxes predicted per task (best effort: a failure is logged, predictions still return)."""
+        project_id = project_id_of(project)
+        if project_id is None:
+            return
+        records = {}
+        for task, result in zip(tasks, results):
+            if isinstance(task, dict) and isinstance(task.get("id"), int) and isinstance(result, dict):
+                items = [_compact_item(item) for item in result.get("result") or []
+                         if isinstance(item, dict) and item.get("type") == "rectanglelabels"]
+                records[task["id"]] = {"model_version": result.get("model_version"), "result": items}
+        try:
+            self.store.record_predictions(project_id, records)
+        except Exception as error:   # noqa: BLE001 - recording must never cost the predictions
+            log.warning("project %s: could not record predictions: %s", project_id, error)
+
+    # ------------------------------------------------------------------ webhooks
+    def handle(self, event: str, data: dict) -> dict:
+        """Answer a webhook at once: queue the learning, apply deletions; never wait for models."""
+        answer = self._handle(event, data)
+        log.info("webhook %s for project %s: %s", event, project_id_of(data.get("project")),
+                 ", ".join(f"{k} {v}" for k, v in answer.items() if k != "event"))
+        return answer
+
+    def _handle(self, event: str, data: dict) -> dict:
+        project_id = project_id_of(data.get("project"))
+        if event not in LEARN_EVENTS + FORGET_EVENTS + ("START_TRAINING",):
+            return {"status": "ignored", "event": event}
+        if project_id is None:
+            log.warning("webhook %s without a project id: ignored", event)
+            return {"status": "ignored", "event": event, "reason": "no project id"}
+        if event in FORGET_EVENTS:
+            forgotten = self.forget(project_id, data, event)
+            return {"status": "done", "event": event, "forgotten": forgotten}
+        label_config = _label_config(data.get("project"))
+        if label_config is None:
+            log.warning("webhook %s for project %s has no label_config: ignored", event, project_id)
+            return {"status": "ignored", "event": event, "reason": "no label_config in the project"}
+        payload = {"project": project_id, "label_config": label_config, "space": self.space, "demo": self.demo,
+                   "label_studio": self._label_studio()}
+        if event == "START_TRAINING":
+            return {"status": "queued", "event": event, "job": self.jobs.submit("rebuild", payload)}
+        items = annotation_items(data)
+        live = [i for i in items if not i["annotation"].get("was_cancelled")]
+        cancelled = [i for i in items if i["annotation"].get("was_cancelled")]
+        if cancelled:   # nothing to learn; forget what an earlier version of it taught
+            self.store.apply(project_id, self.space, [
+                Change(source_key(i["annotation"]["id"]), _stamp(i["annotation"]),
+                       Examples((), (), torch.zeros(0, 0), i["task"].get("id")).to_bytes(), i["task"].get("id"))
+                for i in cancelled])
+        if not live:
+            return {"status": "ignored", "event": event, "reason": "no annotation to learn from (cancelled?)"}
+        job = self.jobs.submit("learn", payload | {"items": live})
+        return {"status": "queued", "event": event, "job": job, "annotations": len(live)}
+
+    def forget(self, project_id: int, data: dict, event: str) -> int:
+        if event == "ANNOTATIONS_DELETED":
+            ids = [a.get("id") for a in _as_list(data.get("annotations")) if isinstance(a, dict)]
+            sources = [source_key(i) for i in ids if i is not None]
+        else:
+            tasks = {t.get("id") for t in _as_list(data.get("tasks")) if isinstance(t, dict)}
+            sources = self.store.tasks_sources(project_id, self.space, tasks)
+        if sources:
+            self.store.apply(project_id, self.space, [Change(s, time.time(), None) for s in sources])
+        return len(sources)
+
+    def _label_studio(self) -> tuple[str | None, str | None] | None:
+        """/setup's Label Studio host and token, for a worker that has no LABEL_STUDIO_URL / API key of its own."""
+        return self.fetcher.setup_values if self.fetcher is not None else None
+
+
+class Learner:
+    """The working side: turns annotations into stored memory records."""
+
+    def __init__(self, labeler: Labeler, store: Store, fetcher: ImageFetcher, space: str, lock=None,
+                 max_pixels: int = 40_000_000):
+        self.labeler = labeler
+        self.store = store
+        self.fetcher = fetcher
+        self.space = space
+        self.lock = lock or threading.Lock()
+        self.max_pixels = max_pixels
+
+    @classmethod
+    def from_settings(cls, settings, labeler: Labeler) -> "Learner":
+        """For an RQ worker: the store and image access from the same settings as the backend."""
+        from .model import _hosts
+
+        fetcher = ImageFetcher(
+            ls_url=settings["LABEL_STUDIO_URL"] or None, api_key=settings["LABEL_STUDIO_API_KEY"] or None,
+            local_files_root=settings["LOCAL_FILES_DOCUMENT_ROOT"] or None,
+            max_bytes=settings["IMAGE_MAX_BYTES"], timeout=settings["IMAGE_TIMEOUT"],
+            allowed_hosts=_hosts(settings["ALLOWED_HOSTS"]))
+        return cls(labeler, open_store(settings), fetcher, embedding_space(settings.model_spec()),
+                   max_pixels=settings["MAX_IMAGE_PIXELS"])
+
+    def run(self, kind: str, payload: dict):
+        if payload.get("space") not in (None, self.space):
+            raise RuntimeError("this worker's CLIP model or crop settings differ from the backend's (embedding "
+                               "spaces differ): give the worker the same CLIP_MODEL / CROP_* settings")
+        if payload.get("label_studio"):
+            self.fetcher.use_setup_values(*payload["label_studio"])
+        config = parse_label_config(payload["label_config"])
+        if kind == "learn":
+            return self.learn(payload["project"], config, payload["items"])
+        if kind == "rebuild":
+            return self.rebuild(payload["project"], config)
+        raise ValueError(f"unknown job kind {kind!r}")
+
+    def learn(self, project: int, config: ProjectConfig, items: list[dict]) -> int:
+        """Learn from annotations (``{"annotation": ..., "task": ...}``); returns the new revision."""
+        changes = [c for c in (self._change(project, config, i["annotation"], i["task"]) for i in items) if c]
+        revision = self.store.apply(project, self.space, changes)
+        log.info("project %s: learned from %d annotation(s): revision %d", project, len(changes), revision)
+        return revision
+
+    def rebuild(self, project: int, config: ProjectConfig) -> int | None:
+        """Replace the project's memory by what its annotations in Label Studio teach."""
+        changes, seen = [], 0
+        try:
+            for task in self._tasks(project):
+                for annotation in task.get("annotations") or []:
+                    if isinstance(annotation, dict) and not annotation.get("was_cancelled"):
+                        seen += 1
+                        change = self._change(project, config, annotation, task)
+                        if change:
+                            changes.append(change)
+        except ImageFetchError as error:
+            log.warning("project %s: START_TRAINING: cannot list the project's annotations in Label Studio, memory "
+                        "left as it was: %s (the backend needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)",
+                        project, error)
+            return None
+        revision = self.store.replace(project, self.space, changes)
+        log.info("project %s: rebuilt from %d annotation(s) (%d usable): revision %d", project, seen, len(changes),
+                 revision)
+        return revision
+
+    def _tasks(self, project: int) -> Iterable[dict]:
+        """Every task of the project with its annotations, page by page (GET /api/tasks?fields=all)."""
+        page, seen = 1, 0
+        while True:
+            answer = self.fetcher.get_json("/api/tasks", {"project": project, "fields": "all", "page": page,
+                                                          "page_size": TASKS_PAGE_SIZE})
+            tasks = answer.get("tasks", []) if isinstance(answer, dict) else answer
+            if not isinstance(tasks, list) or not tasks:
+                return
+            yield from (t for t in tasks if isinstance(t, dict))
+            seen += len(tasks)
+            total = answer.get("total") if isinstance(answer, dict) else None
+            if not isinstance(total, int) or seen >= total or len(tasks) < TASKS_PAGE_SIZE:
+                return
+            page += 1
+
+    def _change(self, project: int, config: ProjectConfig, annotation: dict, task: dict) -> Change | None:
+        """One annotation → its memory record; None when it cannot be used (logged)."""
+        annotation_id, task_id = annotation.get("id"), task.get("id")
+        if annotation_id is None:
+            return None
+        try:
+            examples = self.examples(project, config, annotation, task)
+        except (ImageFetchError, ImageDecodeError, TaskDataError) as error:
+            log.warning("project %s, task %s, annotation %s: not learned: %s", project, task_id, annotation_id,
+                        error)
+            return None
+        return Change(source_key(annotation_id), _stamp(annotation), examples.to_bytes(), task_id)
+
+    def examples(self, project: int, config: ProjectConfig, annotation: dict, task: dict) -> Examples:
+        """Embeddings of the annotated boxes (labelled), of predicted boxes the annotator deleted (background)
+        and of the whole image for each chosen Choice."""
+        result = annotation.get("result") if isinstance(annotation.get("result"), list) else []
+        predicted = self._predicted(project, annotation, task)
+        heads, labels, boxes = [], [], []
+        choice_heads, choice_labels = [], []
+        for control in config.controls:
+            if control.type == "rectanglelabels":
+                drawn = regions_from_results(result, control)
+                gone = _deleted(regions_from_results(predicted, control), drawn)
+                for label, box in [(d.label, d.box) for d in drawn] + [(None, p.box) for p in gone]:
+                    heads.append(control.name), labels.append(label), boxes.append(box)
+            else:
+                for label in _choices(result, control):
+                    choice_heads.append(control.name), choice_labels.append(label)
+        if not boxes and not choice_heads:
+            return Examples((), (), torch.zeros(0, 0), task.get("id"))
+        image = self._image(config, task)
+        height, width = image.shape[1:]
+        parts = []
+        with self.lock, torch.inference_mode():
+            if boxes:
+                tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+                tensor[:, 0::2] = tensor[:, 0::2].clamp(0, width)
+                tensor[:, 1::2] = tensor[:, 1::2].clamp(0, height)
+                parts.append(self.labeler.embed_boxes([image], [tensor], self.labeler.crops)[0])
+            if choice_heads:
+                parts.append(self.labeler.embed_whole([image]).expand(len(choice_heads), -1))
+        return Examples(tuple(heads + choice_heads), tuple(labels + choice_labels), torch.cat(parts), task.get("id"))
+
+    def _predicted(self, project: int, annotation: dict, task: dict) -> list:
+        """What the annotator started from: LS's snapshot when it has one, else our own record for the task."""
+        snapshot = annotation.get("prediction")
+        if isinstance(snapshot, dict) and isinstance(snapshot.get("result"), list) and snapshot["result"]:
+            return snapshot["result"]
+        record = self.store.prediction(project, task["id"]) if isinstance(task.get("id"), int) else None
+        return (record or {}).get("result") or []
+
+    def _image(self, config: ProjectConfig, task: dict) -> torch.Tensor:
+        url = config.controls[0].image_url(task.get("data") or {})
+        return decode_image(self.fetcher.fetch(url, task.get("id")), self.max_pixels)
+
+
+# ---------------------------------------------------------------------- helpers
+def project_id_of(project) -> int | None:
+    """``"12.1716400000"`` (setup/predict), ``12`` or ``{"id": 12, ...}`` (webhooks) → 12."""
+    if isinstance(project, dict):
+        project = project.get("id")
+    if isinstance(project, bool):
+        return None
+    try:
+        return int(str(project).split(".")[0])
+    except (TypeError, ValueError):
+        return None
+
+
+def annotation_items(data: dict) -> list[dict]:
+    """The (annotation, task) pairs of an ANNOTATION_CREATED/UPDATED or bulk ANNOTATIONS_CREATED payload, cut
+    down to what learning needs (the job payload stays small)."""
+    annotations = [a for a in _as_list(data.get("annotation") or data.get("annotations")) if isinstance(a, dict)]
+    tasks = {t.get("id"): t for t in _as_list(data.get("task") or data.get("tasks")) if isinstance(t, dict)}
+    items = []
+    for annotation in annotations:
+        task_ref = annotation.get("task")
+        task = tasks.get(task_ref if not isinstance(task_ref, dict) else task_ref.get("id"))
+        if task is None and len(tasks) == 1 and len(annotations) == 1:
+            task = next(iter(tasks.values()))
+        if task is None or annotation.get("id") is None:
+            log.warning("annotation %s comes without its task: ignored", annotation.get("id"))
+            continue
+        snapshot = annotation.get("prediction")
+        items.append({
+            "annotation": {"id": annotation.get("id"), "result": annotation.get("result") or [],
+                           "was_cancelled": bool(annotation.get("was_cancelled")),
+                           "updated_at": annotation.get("updated_at") or annotation.get("created_at"),
+                           "prediction": {"result": snapshot.get("result")} if isinstance(snapshot, dict) else None},
+            "task": {"id": task.get("id"), "data": task.get("data") or {}},
+        })
+    return items
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _label_config(project) -> str | None:
+    config = project.get("label_config") if isinstance(project, dict) else None
+    return config if isinstance(config, str) and config.strip() else None
+
+
+def _stamp(annotation: dict) -> float:
+    """When the annotation was last changed (its ``updated_at``), else now."""
+    text = annotation.get("updated_at") or annotation.get("created_at")
+    if isinstance(text, str):
+        try:
+            return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            pass
+    return time.time()
+
+
+def _compact_item(item: dict) -> dict:
+    keep = ("from_name", "to_name", "type", "value", "original_width", "original_height", "image_rotation")
+    return {k: item[k] for k in keep if k in item}
+
+
+def _deleted(predicted, drawn) -> list:
+    """Predicted boxes that no annotated box of the same control overlaps by DELETED_IOU (any label)."""
+    if not predicted:
+        return []
+    if not drawn:
+        return list(predicted)
+    ious = box_iou(torch.tensor([p.box for p in predicted]), torch.tensor([d.box for d in drawn]))
+    return [p for p, best in zip(predicted, ious.max(1).values.tolist()) if best < DELETED_IOU]
+
+
+def _choices(result: list, control) -> list[str]:
+    """The labels chosen for one Choices control, those the config still has."""
+    known = set(control.labelset.labels)
+    chosen = []
+    for item in result:
+        if isinstance(item, dict) and item.get("from_name") == control.name and item.get("type") == "choices":
+            value = item.get("value") if isinstance(item.get("value"), dict) else {}
+            chosen += [c for c in value.get("choices") or [] if isinstance(c, str) and c in known]
+    return list(dict.fromkeys(chosen))
+
+

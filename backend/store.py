@@ -1,0 +1,367 @@
+"""Where learned state lives: Redis when REDIS_URL is set, else an SQLite file under MODEL_DIR.
+
+Two kinds of state, both per Label Studio project:
+
+- the few-shot memory: one record per source (an annotation), with a stamp (the annotation's ``updated_at``)
+  so that an older event processed late never overwrites a newer one, and deletions leave a tombstone so that
+  a slow job cannot bring a deleted annotation back. Every change bumps the project's revision in the same
+  transaction, and readers take revision and records in one transaction: a reader sees a whole state or the
+  previous one, never half of an update. Records are kept per embedding ``space`` (the CLIP model and crop
+  settings that produced them), so switching models never mixes incomparable embeddings.
+- what the backend predicted per task (Label Studio's ``annotation.prediction`` is usually empty), so that boxes
+  an annotator deleted can be learned as background.
+
+Both stores are shared by every process that opens them (web workers, RQ workers) and survive restarts.
+``open_store(settings)`` picks one.
+
+>>> import tempfile
+>>> store = SqliteStore(tempfile.mkdtemp())
+>>> store.apply(7, "space", [Change("a1", 1.0, b"payload", task=3)])
+1
+>>> store.records(7, "space")
+{'a1': (1.0, 3, b'payload')}
+>>> store.apply(7, "space", [Change("a1", 0.5, b"older")])   # older than what is stored: ignored
+1
+>>> store.apply(7, "space", [Change("a1", 2.0, None)])       # forget: a tombstone
+2
+>>> store.apply(7, "space", [Change("a1", 3.0, b"late")])    # a late write cannot revive it
+2
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Mapping, NamedTuple
+
+from .labeling.adapter import Examples, Memory
+
+log = logging.getLogger(__name__)
+
+TOMBSTONE = 1e300                  # the stamp of a forgotten source: nothing is newer
+PREDICTION_TTL_S = 90 * 24 * 3600  # how long the record of a task's prediction is kept (Redis)
+SQLITE_FILE = "learning.sqlite3"
+
+
+class StoreUnavailable(RuntimeError):
+    """The configured store cannot be reached or opened; the message says which and how to fix it."""
+
+
+class Change(NamedTuple):
+    """Set one source's record (``payload``), or forget it (``payload=None``). Applied only when ``stamp`` is
+    not older than the stored one; a forgotten source stays forgotten until the memory is replaced."""
+
+    source: str
+    stamp: float
+    payload: bytes | None
+    task: int | None = None
+
+
+Record = tuple[float, int | None, bytes]   # stamp, task, payload (b"" = tombstone)
+
+
+class Store:
+    """The interface both stores implement, plus the per-process cache of decoded memories."""
+
+    def __init__(self):
+        self._cache: dict[tuple[int, str], tuple[int, Memory]] = {}
+        self._cache_lock = threading.Lock()
+
+    # -- implemented per store
+    def revision(self, project: int, space: str) -> int:
+        raise NotImplementedError
+
+    def snapshot(self, project: int, space: str) -> tuple[int, dict[str, Record]]:
+        """Revision and every record, read in one transaction."""
+        raise NotImplementedError
+
+    def apply(self, project: int, space: str, changes: Iterable[Change]) -> int:
+        """Apply changes atomically; the revision is bumped once when anything changed. Returns the revision."""
+        raise NotImplementedError
+
+    def replace(self, project: int, space: str, changes: Iterable[Change]) -> int:
+        """Replace the project's whole memory (tombstones included) atomically, bumping the revision."""
+        raise NotImplementedError
+
+    def record_predictions(self, project: int, records: Mapping[int, dict]) -> None:
+        raise NotImplementedError
+
+    def prediction(self, project: int, task: int) -> dict | None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    # -- shared
+    def records(self, project: int, space: str) -> dict[str, tuple[float, int | None, bytes]]:
+        """Live records (tombstones left out): source → (stamp, task, payload)."""
+        return {k: v for k, v in self.snapshot(project, space)[1].items() if v[2]}
+
+    def memory(self, project: int, space: str) -> tuple[int, Memory]:
+        """The project's memory, decoded once per revision and process."""
+        key = (project, space)
+        revision = self.revision(project, space)
+        with self._cache_lock:
+            cached = self._cache.get(key)
+        if cached and cached[0] == revision:
+            return cached
+        revision, records = self.snapshot(project, space)
+        examples = []
+        for source in sorted(records):
+            payload = records[source][2]
+            if payload:
+                try:
+                    examples.append(Examples.from_bytes(payload))
+                except (ValueError, KeyError, RuntimeError) as error:
+                    log.warning("project %s: unreadable memory record %r skipped: %s", project, source, error)
+        loaded = (revision, Memory.build(examples))
+        with self._cache_lock:
+            if key not in self._cache or self._cache[key][0] < revision:
+                self._cache[key] = loaded
+        return loaded
+
+    def tasks_sources(self, project: int, space: str, tasks: set[int]) -> list[str]:
+        """The live sources learned from these tasks."""
+        return [k for k, (_, task, payload) in self.snapshot(project, space)[1].items() if payload and task in tasks]
+
+
+def _pack(change: Change) -> bytes:
+    stamp = TOMBSTONE if change.payload is None else change.stamp
+    return struct.pack("<dq", stamp, -1 if change.task is None else int(change.task)) + (change.payload or b"")
+
+
+def _unpack(value: bytes) -> Record:
+    stamp, task = struct.unpack("<dq", value[:16])
+    return stamp, None if task < 0 else task, value[16:]
+
+
+def _wins(change: Change, stored_stamp: float | None) -> bool:
+    if stored_stamp is None:
+        return True
+    if stored_stamp >= TOMBSTONE:
+        return False
+    return (TOMBSTONE if change.payload is None else change.stamp) >= stored_stamp
+
+
+class RedisStore(Store):
+    """Keys (``prefix`` default ``clip-ls``): ``{prefix}:mem:{space}:{project}`` a hash source → record,
+    ``{prefix}:rev:{space}:{project}`` the revision, ``{prefix}:pred:{project}:{task}`` a prediction record."""
+
+    def __init__(self, url: str, prefix: str = "clip-ls"):
+        super().__init__()
+        import redis
+
+        self.url = url
+        self.prefix = prefix
+        self.redis = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30)
+        try:
+            self.redis.ping()
+        except redis.RedisError as error:
+            raise StoreUnavailable(f"cannot reach Redis at REDIS_URL={_safe_url(url)}: {error}. Start Redis, fix "
+                                   "REDIS_URL, or leave it empty to keep state in MODEL_DIR") from None
+
+    def _keys(self, project: int, space: str) -> tuple[str, str]:
+        return f"{self.prefix}:mem:{space}:{project}", f"{self.prefix}:rev:{space}:{project}"
+
+    def revision(self, project: int, space: str) -> int:
+        return int(self.redis.get(self._keys(project, space)[1]) or 0)
+
+    def snapshot(self, project: int, space: str) -> tuple[int, dict[str, Record]]:
+        mem, rev = self._keys(project, space)
+        pipe = self.redis.pipeline(transaction=True)   # MULTI/EXEC: both read at one point in time
+        revision, fields = pipe.get(rev).hgetall(mem).execute()
+        return int(revision or 0), {k.decode(): _unpack(v) for k, v in fields.items()}
+
+    def apply(self, project: int, space: str, changes: Iterable[Change]) -> int:
+        changes = list(changes)
+        mem, rev = self._keys(project, space)
+        result = {}
+
+        def update(pipe):
+            stored = pipe.hmget(mem, [c.source for c in changes]) if changes else []
+            winners = [c for c, value in zip(changes, stored)
+                       if _wins(c, _unpack(value)[0] if value else None)]
+            current = int(pipe.get(rev) or 0)
+            pipe.multi()
+            if winners:
+                pipe.hset(mem, mapping={c.source: _pack(c) for c in winners})
+                pipe.incr(rev)
+            result["revision"] = current + (1 if winners else 0)
+
+        self.redis.transaction(update, mem, rev)   # WATCH both: a concurrent writer makes it retry
+        return result["revision"]
+
+    def replace(self, project: int, space: str, changes: Iterable[Change]) -> int:
+        mem, rev = self._keys(project, space)
+        mapping = {c.source: _pack(c) for c in changes if c.payload is not None}
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.delete(mem)
+        if mapping:
+            pipe.hset(mem, mapping=mapping)
+        pipe.incr(rev)
+        return int(pipe.execute()[-1])
+
+    def record_predictions(self, project: int, records: Mapping[int, dict]) -> None:
+        if not records:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for task, record in records.items():
+            pipe.set(f"{self.prefix}:pred:{project}:{task}", json.dumps(record, separators=(",", ":")),
+                     ex=PREDICTION_TTL_S)
+        pipe.execute()
+
+    def prediction(self, project: int, task: int) -> dict | None:
+        raw = self.redis.get(f"{self.prefix}:pred:{project}:{task}")
+        return json.loads(raw) if raw else None
+
+    def close(self) -> None:
+        self.redis.close()
+
+
+class SqliteStore(Store):
+    """One SQLite file (``MODEL_DIR/learning.sqlite3``, WAL mode): transactions give the atomicity, SQLite's
+    file locks make it safe for every process on the machine. Not for network file systems (use Redis)."""
+
+    def __init__(self, directory: str | os.PathLike):
+        super().__init__()
+        self.path = Path(directory) / SQLITE_FILE
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as db:
+                db.executescript("""
+                    CREATE TABLE IF NOT EXISTS memory (space TEXT, project INTEGER, source TEXT, stamp REAL,
+                        task INTEGER, payload BLOB, PRIMARY KEY (space, project, source));
+                    CREATE TABLE IF NOT EXISTS revisions (space TEXT, project INTEGER, revision INTEGER,
+                        PRIMARY KEY (space, project));
+                    CREATE TABLE IF NOT EXISTS predictions (project INTEGER, task INTEGER, record TEXT,
+                        updated REAL, PRIMARY KEY (project, task));
+                """)
+        except (OSError, sqlite3.Error) as error:
+            raise StoreUnavailable(f"cannot keep learned state in {self.path} (MODEL_DIR): {error}. Make MODEL_DIR "
+                                   "a writable directory, or set REDIS_URL") from None
+        self._local = threading.local()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        return db
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None or getattr(self._local, "pid", None) != os.getpid():   # never share a connection over fork
+            db = self._local.db = self._connect()
+            self._local.pid = os.getpid()
+        return db
+
+    def revision(self, project: int, space: str) -> int:
+        row = self._db.execute("SELECT revision FROM revisions WHERE space=? AND project=?",
+                               (space, project)).fetchone()
+        return row[0] if row else 0
+
+    def snapshot(self, project: int, space: str) -> tuple[int, dict[str, Record]]:
+        db = self._db
+        db.execute("BEGIN")   # one read transaction: a consistent snapshot in WAL mode
+        try:
+            revision = self.revision(project, space)
+            rows = db.execute("SELECT source, stamp, task, payload FROM memory WHERE space=? AND project=?",
+                              (space, project)).fetchall()
+        finally:
+            db.execute("COMMIT")
+        return revision, {source: (stamp, task, bytes(payload or b"")) for source, stamp, task, payload in rows}
+
+    def apply(self, project: int, space: str, changes: Iterable[Change]) -> int:
+        changes = list(changes)
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")   # the write lock first: read-check-write without a race
+        try:
+            changed = False
+            for change in changes:
+                row = db.execute("SELECT stamp FROM memory WHERE space=? AND project=? AND source=?",
+                                 (space, project, change.source)).fetchone()
+                if _wins(change, row[0] if row else None):
+                    self._put(db, project, space, change)
+                    changed = True
+            revision = self.revision(project, space)
+            if changed:
+                revision = self._bump(db, project, space)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return revision
+
+    def replace(self, project: int, space: str, changes: Iterable[Change]) -> int:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM memory WHERE space=? AND project=?", (space, project))
+            for change in changes:
+                if change.payload is not None:
+                    self._put(db, project, space, change)
+            revision = self._bump(db, project, space)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return revision
+
+    @staticmethod
+    def _put(db, project: int, space: str, change: Change) -> None:
+        stamp = TOMBSTONE if change.payload is None else change.stamp
+        db.execute("INSERT OR REPLACE INTO memory VALUES (?, ?, ?, ?, ?, ?)",
+                   (space, project, change.source, stamp, change.task, change.payload or b""))
+
+    def _bump(self, db, project: int, space: str) -> int:
+        db.execute("INSERT INTO revisions VALUES (?, ?, 1) ON CONFLICT (space, project) "
+                   "DO UPDATE SET revision = revision + 1", (space, project))
+        return self.revision(project, space)
+
+    def record_predictions(self, project: int, records: Mapping[int, dict]) -> None:
+        if not records:
+            return
+        now = time.time()
+        rows = [(project, int(task), json.dumps(record, separators=(",", ":")), now) for task, record in records.items()]
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)", rows)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def prediction(self, project: int, task: int) -> dict | None:
+        row = self._db.execute("SELECT record FROM predictions WHERE project=? AND task=?",
+                               (project, int(task))).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+
+def open_store(settings) -> Store:
+    """Redis when REDIS_URL is set (shared by every machine), else SQLite under MODEL_DIR."""
+    if settings["REDIS_URL"]:
+        return RedisStore(settings["REDIS_URL"])
+    return SqliteStore(settings["MODEL_DIR"])
+
+
+def _safe_url(url: str) -> str:
+    """A Redis URL without its password, for messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
