@@ -1,4 +1,4 @@
-"""Command line: serve | label | eval | demo-data | train-tiny | settings. `--demo` = the bundled tiny models."""
+"""Command line: serve | label | eval | demo-data | train-tiny | preannotate | settings. `--demo` = the bundled tiny models."""
 from __future__ import annotations
 
 import argparse
@@ -28,11 +28,16 @@ def _parser() -> argparse.ArgumentParser:
     label.add_argument("--demo", action="store_true", help="use the bundled tiny shapes models")
 
     ev = sub.add_parser("eval", help="CLIP accuracy on ground-truth crops of a labelled dataset")
-    ev.add_argument("dataset", help="VOC root (Annotations/, JPEGImages/) or COCO JSON file")
+    ev.add_argument("dataset",
+                    help="VOC root (Annotations/, JPEGImages/), COCO JSON file, or a folder with annotations.json")
     ev.add_argument("--format", choices=("voc", "coco"), default=None, help="default: guessed from the path")
     ev.add_argument("--per-class", type=int, default=100, help="stratified sample size per class")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default="eval-out", help="directory for the confusion matrix PNG and report")
+    ev.add_argument("--background", action="store_true",
+                    help="add the background prompts (as the pipeline does); crops they win count as wrong")
+    ev.add_argument("--split", help="VOC: only the images of ImageSets/Main/SPLIT.txt (e.g. val); default: all")
+    ev.add_argument("--images", help="COCO: folder of the images; default: beside the JSON, or its images/")
     ev.add_argument("--demo", action="store_true", help="use the bundled tiny shapes models")
 
     demo = sub.add_parser("demo-data", help="write synthetic shape scenes, COCO ground truth and a label config")
@@ -42,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train-tiny", help="retrain the bundled tiny models (fixed seeds, ~15 min on 2 cores)")
     train.add_argument("--out", default=None, help="default: backend/assets/tiny")
+
+    pre = sub.add_parser("preannotate", help="pre-annotate a whole Label Studio project over RQ workers (needs REDIS_URL)")
+    from .preannotate import add_arguments
+    add_arguments(pre)
 
     sub.add_parser("settings", help="print every setting as a Markdown table")
     return parser
@@ -69,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             from .labeling.factory import TINY_DIR
             train_all(Path(args.out) if args.out else TINY_DIR)
             return 0
+        if args.command == "preannotate":
+            from .preannotate import preannotate_command
+            return preannotate_command(args)
         if args.command == "settings":
             from .config import settings_table
             print(settings_table())

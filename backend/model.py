@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -14,17 +15,30 @@ from functools import lru_cache
 
 import torch
 
+from .cache import build_feature_cache, has_parts, image_digest, merge
 from .config import Settings
 from .labeling.decode import ImageDecodeError, decode_image
 from .labeling.detections import ImageLabels
-from .labeling.pipeline import Labeler
+from .labeling.pipeline import ImageFeatures, Labeler
 from .labeling.prompts import LabelSet, PromptDefaults
+from .learning import Learning
 from .studio.images import ImageFetchError, ImageFetcher
 from .studio.label_config import ProjectConfig, TaskDataError, parse_label_config
 from .studio.results import context_regions, prediction_for_task
 
 log = logging.getLogger(__name__)
 CHUNK = 16  # images per pipeline call: CLIP batches across them, memory stays bounded
+
+
+def _rebuild_torch_thread_pool() -> None:
+    """gunicorn builds the app (and uses torch) in its master, then forks the worker. In the child, torch's
+    intra-op thread pool must be rebuilt; left to the first torch op of each request thread, concurrent threads
+    race and one fails with "pool INTERNAL ASSERT FAILED ... Invalid thread pool!" (seen under bench/load.py).
+    Rebuilding it once, right after the fork while the child has a single thread, avoids the race."""
+    torch.set_num_threads(torch.get_num_threads())
+
+
+os.register_at_fork(after_in_child=_rebuild_torch_thread_pool)
 
 
 @lru_cache(maxsize=64)
@@ -37,6 +51,12 @@ class TaskImage:
     task_id: int | None
     pixels: torch.Tensor | None
     error: str | None = None
+    digest: str | None = None                # sha256 of the image bytes: the feature cache key
+    features: ImageFeatures | None = None    # what the feature cache had (then, when complete, no decode)
+
+    @property
+    def usable(self) -> bool:
+        return self.pixels is not None or self.features is not None
 
 
 class ClipBackend:
@@ -46,19 +66,23 @@ class ClipBackend:
         self.settings = settings
         self.labeler = labeler
         self.model_fingerprint = settings.model_spec().fingerprint
+        self.cache = build_feature_cache(settings, self.model_fingerprint)   # features by image content + models
         self.fetcher = ImageFetcher(
             ls_url=settings["LABEL_STUDIO_URL"] or None, api_key=settings["LABEL_STUDIO_API_KEY"] or None,
             local_files_root=settings["LOCAL_FILES_DOCUMENT_ROOT"] or None,
             max_bytes=settings["IMAGE_MAX_BYTES"], timeout=settings["IMAGE_TIMEOUT"],
             allowed_hosts=_hosts(settings["ALLOWED_HOSTS"]))
         self._inference = threading.Lock()  # one inference at a time: threads would only thrash the cores
+        self.learning = Learning.for_backend(settings, labeler, self.fetcher, self._inference)
+        labeler.adjust_logits = self.learning.adjust_logits  # corrections join the zero-shot logits
         self.seconds_per_image = self._warm_up()
 
     # ------------------------------------------------------------------ versions
     def model_version(self, config: ProjectConfig, project: str | int | None = None) -> str:
-        """Changes exactly when what produces predictions changes: models, the config's label sets."""
+        """Changes exactly when what produces predictions changes: models, the config's label sets, the
+        project's stored few-shot memory (whose snapshot this also pins for the thread's next predictions)."""
         digest = hashlib.sha256(f"{self.model_fingerprint}:{config.fingerprint}".encode()).hexdigest()
-        return f"clip-{digest[:10]}"
+        return self.learning.versioned(f"clip-{digest[:10]}", project)
 
     def setup(self, label_config: str, project=None, hostname: str | None = None,
               access_token: str | None = None) -> dict:
@@ -83,23 +107,38 @@ class ClipBackend:
             log.info("predict: %d tasks would take ~%.0f s (budget %.0f s): answering one so LS asks per task",
                      len(tasks), len(tasks) * self.seconds_per_image, self.settings["PREDICT_BUDGET_SECONDS"])
             tasks = tasks[:1]
-        started = time.perf_counter()
-        images = self._load_images(tasks, config)
-        labelled = self._label([i.pixels for i in images if i.pixels is not None], config)
-        results = []
-        for image in images:
-            if image.pixels is None:
-                log.warning("task %s: no prediction: %s", image.task_id, image.error)
-                results.append({"result": [], "score": 0.0, "model_version": version})
-            else:
-                results.append(prediction_for_task(labelled.pop(0), config, version))
-        loaded = sum(i.pixels is not None for i in images)
-        if loaded:
-            self.seconds_per_image = 0.7 * self.seconds_per_image + 0.3 * (time.perf_counter() - started) / loaded
-        return results
+        return [result for result, _ in self._predict_tasks(tasks, config, version, project)]
 
-    def _load_images(self, tasks: list[dict], config: ProjectConfig) -> list[TaskImage]:
-        """Download all task images concurrently and decode each once; a failure costs only its task."""
+    def predict_each(self, tasks: list[dict], label_config: str, project=None) -> tuple[str, list[tuple[dict, str | None]]]:
+        """The bulk path (``backend.preannotate``): every task, no time budget. Returns the model version and,
+        per task, its prediction and the reason it has none (None when it has one)."""
+        config = project_config(label_config, self.settings.prompt_defaults)
+        version = self.model_version(config, project)
+        return version, self._predict_tasks(tasks, config, version, project)
+
+    def _predict_tasks(self, tasks: list[dict], config: ProjectConfig, version: str,
+                       project) -> list[tuple[dict, str | None]]:
+        started = time.perf_counter()
+        images = self._load_images(tasks, config, cached=_feature_kinds(config))
+        labelled = self._label([i for i in images if i.usable], config)
+        out = []
+        for image in images:
+            if not image.usable:
+                log.warning("task %s: no prediction: %s", image.task_id, image.error)
+                out.append(({"result": [], "score": 0.0, "model_version": version}, image.error))
+            else:
+                out.append((prediction_for_task(labelled.pop(0), config, version), None))
+        self.learning.record_predictions(project, tasks, [result for result, _ in out])
+        decoded = sum(i.pixels is not None for i in images)   # cache hits cost ~nothing: not in the estimate
+        if decoded:
+            self.seconds_per_image = 0.7 * self.seconds_per_image + 0.3 * (time.perf_counter() - started) / decoded
+        return out
+
+    def _load_images(self, tasks: list[dict], config: ProjectConfig,
+                     cached: tuple[bool, bool] | None = None) -> list[TaskImage]:
+        """Download all task images concurrently and decode each once; a failure costs only its task.
+        ``cached`` = (regions, whole): look the features up first; an image whose features are all cached
+        is not decoded."""
         control = config.controls[0]
         urls, broken = [], {}
         for i, task in enumerate(tasks):
@@ -119,17 +158,42 @@ class ClipBackend:
             if isinstance(data, ImageFetchError):
                 images.append(TaskImage(task.get("id"), None, str(data)))
                 continue
+            digest = image_digest(data) if cached and self.cache.enabled else None
+            features = self.cache.lookup_parts(digest, *cached) if digest else None
+            if digest and has_parts(features, *cached):
+                images.append(TaskImage(task.get("id"), None, digest=digest, features=features))
+                continue
             try:
-                images.append(TaskImage(task.get("id"), decode_image(data, self.settings["MAX_IMAGE_PIXELS"])))
+                images.append(TaskImage(task.get("id"), decode_image(data, self.settings["MAX_IMAGE_PIXELS"]),
+                                        digest=digest, features=features))
             except ImageDecodeError as error:
                 images.append(TaskImage(task.get("id"), None, f"{url[0]}: {error}"))
         return images
 
-    def _label(self, images: list[torch.Tensor], config: ProjectConfig) -> list[ImageLabels]:
-        out = []
+    def _label(self, images: list[TaskImage], config: ProjectConfig) -> list[ImageLabels]:
+        regions, whole = _feature_kinds(config)
         with self._inference:
-            for start in range(0, len(images), CHUNK):
-                out += self.labeler.label(images[start:start + CHUNK], config.labelsets)
+            return self.labeler.name(self._features(images, regions, whole), config.labelsets)
+
+    def _features(self, images: list[TaskImage], regions: bool, whole: bool) -> list[ImageFeatures]:
+        """Features from the cache, else computed (in CHUNKs, under the inference lock) and stored."""
+        out = [image.features for image in images]
+        todo: dict[tuple[bool, bool], list[int]] = {}
+        for n, image in enumerate(images):
+            if image.digest and not has_parts(out[n], regions, whole):   # computed while we waited for the lock?
+                out[n] = merge(out[n], self.cache.lookup_parts(image.digest, regions, whole, count=False))
+            if not has_parts(out[n], regions, whole):
+                missing = (regions and (out[n] is None or out[n].region_embeddings is None),
+                           whole and (out[n] is None or out[n].image_embedding is None))
+                todo.setdefault(missing, []).append(n)
+        for (want_regions, want_whole), indices in todo.items():
+            for start in range(0, len(indices), CHUNK):
+                chunk = indices[start:start + CHUNK]
+                computed = self.labeler.features([images[n].pixels for n in chunk], want_regions, want_whole)
+                for n, features in zip(chunk, computed):
+                    if images[n].digest:
+                        features = self.cache.store(images[n].digest, features)   # as a later hit will see them
+                    out[n] = merge(out[n], features)
         return out
 
     def _interactive(self, task: dict, config: ProjectConfig, regions, version: str) -> dict:
@@ -154,9 +218,8 @@ class ClipBackend:
 
     # ------------------------------------------------------------------ fit
     def fit(self, event: str, data: dict) -> dict:
-        """Learning from corrections arrives with the few-shot memory; until then events are logged."""
-        log.info("webhook %s for project %s accepted", event, _project_id(data.get("project")))
-        return {"status": "accepted", "event": event}
+        """Training events queue a background update of the project's few-shot memory; answers at once."""
+        return self.learning.handle(event, data)
 
     # ------------------------------------------------------------------ internals
     def _warm_up(self) -> float:
@@ -167,6 +230,12 @@ class ClipBackend:
         with self._inference:
             self.labeler.label([blank], {"warm-up": LabelSet.build(["object"])})
         return max(time.perf_counter() - started, 0.05)
+
+
+def _feature_kinds(config: ProjectConfig) -> tuple[bool, bool]:
+    """(regions, whole): which features the config's heads need."""
+    kinds = {labelset.kind for labelset in config.labelsets.values()}
+    return "regions" in kinds, "choices" in kinds
 
 
 def _project_id(project) -> int | None:
