@@ -201,15 +201,8 @@ class Learner:
     @classmethod
     def from_settings(cls, settings, labeler: Labeler) -> "Learner":
         """For an RQ worker: the store and image access from the same settings as the backend."""
-        from .model import _hosts
-
-        fetcher = ImageFetcher(
-            ls_url=settings["LABEL_STUDIO_URL"] or None, api_key=settings["LABEL_STUDIO_API_KEY"] or None,
-            local_files_root=settings["LOCAL_FILES_DOCUMENT_ROOT"] or None,
-            max_bytes=settings["IMAGE_MAX_BYTES"], timeout=settings["IMAGE_TIMEOUT"],
-            allowed_hosts=_hosts(settings["ALLOWED_HOSTS"]))
-        return cls(labeler, open_store(settings), fetcher, embedding_space(settings.model_spec()),
-                   max_pixels=settings["MAX_IMAGE_PIXELS"])
+        return cls(labeler, open_store(settings), ImageFetcher.from_settings(settings),
+                   embedding_space(settings.model_spec()), max_pixels=settings["MAX_IMAGE_PIXELS"])
 
     def run(self, kind: str, payload: dict):
         if payload.get("space") not in (None, self.space):

@@ -5,7 +5,6 @@ Label Studio 1.23.2 (see docs) rather than depending on the old ``label-studio-m
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -17,6 +16,7 @@ import torch
 
 from .cache import build_feature_cache, has_parts, image_digest, merge
 from .config import Settings
+from .export import model_version as base_version
 from .labeling.decode import ImageDecodeError, decode_image
 from .labeling.detections import ImageLabels
 from .labeling.pipeline import ImageFeatures, Labeler
@@ -67,11 +67,7 @@ class ClipBackend:
         self.labeler = labeler
         self.model_fingerprint = settings.model_spec().fingerprint
         self.cache = build_feature_cache(settings, self.model_fingerprint)   # features by image content + models
-        self.fetcher = ImageFetcher(
-            ls_url=settings["LABEL_STUDIO_URL"] or None, api_key=settings["LABEL_STUDIO_API_KEY"] or None,
-            local_files_root=settings["LOCAL_FILES_DOCUMENT_ROOT"] or None,
-            max_bytes=settings["IMAGE_MAX_BYTES"], timeout=settings["IMAGE_TIMEOUT"],
-            allowed_hosts=_hosts(settings["ALLOWED_HOSTS"]))
+        self.fetcher = ImageFetcher.from_settings(settings)
         self._inference = threading.Lock()  # one inference at a time: threads would only thrash the cores
         self.learning = Learning.for_backend(settings, labeler, self.fetcher, self._inference)
         labeler.adjust_logits = self.learning.adjust_logits  # corrections join the zero-shot logits
@@ -81,8 +77,7 @@ class ClipBackend:
     def model_version(self, config: ProjectConfig, project: str | int | None = None) -> str:
         """Changes exactly when what produces predictions changes: models, the config's label sets, the
         project's stored few-shot memory (whose snapshot this also pins for the thread's next predictions)."""
-        digest = hashlib.sha256(f"{self.model_fingerprint}:{config.fingerprint}".encode()).hexdigest()
-        return self.learning.versioned(f"clip-{digest[:10]}", project)
+        return self.learning.versioned(base_version(self.model_fingerprint, config), project)
 
     def setup(self, label_config: str, project=None, hostname: str | None = None,
               access_token: str | None = None) -> dict:
@@ -238,16 +233,3 @@ def _feature_kinds(config: ProjectConfig) -> tuple[bool, bool]:
     return "regions" in kinds, "choices" in kinds
 
 
-def _project_id(project) -> int | None:
-    """``"12.1716400000"`` (setup/predict), ``12`` or ``{"id": 12, ...}`` (webhooks) → 12."""
-    if isinstance(project, dict):
-        project = project.get("id")
-    try:
-        return int(str(project).split(".")[0])
-    except (TypeError, ValueError):
-        return None
-
-
-def _hosts(raw: str) -> tuple[str, ...] | None:
-    hosts = tuple(h.strip() for h in raw.split(",") if h.strip())
-    return hosts or None

@@ -47,11 +47,11 @@ from typing import Any, Iterator
 
 import requests
 
+from .jobs import QUEUE_NAME as QUEUE   # learning jobs and bulk chunks share the queue
 from .studio.images import ImageFetchError, _AccessTokens, is_personal_access_token
 
 log = logging.getLogger(__name__)
 
-QUEUE = "clip-ls"                      # the queue learning jobs use too (backend.jobs.QUEUE_NAME)
 PREFIX = "clip-ls:preannotate"
 STATE_TTL_S = 30 * 24 * 3600           # progress is kept this long after the last activity
 PAGE_SIZE = 100                        # tasks per Label Studio API page

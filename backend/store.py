@@ -37,7 +37,8 @@ import struct
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Mapping, NamedTuple
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Mapping, NamedTuple
 
 from .labeling.adapter import Examples, Memory
 
@@ -260,6 +261,18 @@ class SqliteStore(Store):
             self._local.pid = os.getpid()
         return db
 
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, the write lock taken first (read-check-write without a race)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
     def revision(self, project: int, space: str) -> int:
         row = self._db.execute("SELECT revision FROM revisions WHERE space=? AND project=?",
                                (space, project)).fetchone()
@@ -278,9 +291,7 @@ class SqliteStore(Store):
 
     def apply(self, project: int, space: str, changes: Iterable[Change]) -> int:
         changes = list(changes)
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")   # the write lock first: read-check-write without a race
-        try:
+        with self._writing() as db:
             changed = False
             for change in changes:
                 row = db.execute("SELECT stamp FROM memory WHERE space=? AND project=? AND source=?",
@@ -288,29 +299,15 @@ class SqliteStore(Store):
                 if _wins(change, row[0] if row else None):
                     self._put(db, project, space, change)
                     changed = True
-            revision = self.revision(project, space)
-            if changed:
-                revision = self._bump(db, project, space)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return revision
+            return self._bump(db, project, space) if changed else self.revision(project, space)
 
     def replace(self, project: int, space: str, changes: Iterable[Change]) -> int:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._writing() as db:
             db.execute("DELETE FROM memory WHERE space=? AND project=?", (space, project))
             for change in changes:
                 if change.payload is not None:
                     self._put(db, project, space, change)
-            revision = self._bump(db, project, space)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return revision
+            return self._bump(db, project, space)
 
     @staticmethod
     def _put(db, project: int, space: str, change: Change) -> None:
@@ -328,14 +325,8 @@ class SqliteStore(Store):
             return
         now = time.time()
         rows = [(project, int(task), json.dumps(record, separators=(",", ":")), now) for task, record in records.items()]
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._writing() as db:
             db.executemany("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)", rows)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def prediction(self, project: int, task: int) -> dict | None:
         row = self._db.execute("SELECT record FROM predictions WHERE project=? AND task=?",

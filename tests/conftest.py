@@ -2,18 +2,14 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 import uuid
 
 import pytest
 
+from e2e.label_studio import free_port
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _answers(port: int) -> bool:
@@ -53,7 +49,7 @@ def redis_url():
         return
     if not shutil.which("redis-server"):
         pytest.skip("no Redis on 127.0.0.1:6379 and no redis-server to start (scripts/setup.sh installs it)")
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                 "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

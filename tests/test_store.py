@@ -7,7 +7,6 @@ process sees the same state, state survives reopening, and concurrent readers ne
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 from backend.labeling.adapter import Examples
 from backend.store import Change, RedisStore, SqliteStore, StoreUnavailable
+from e2e.label_studio import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -187,15 +187,10 @@ def test_an_unreadable_record_is_skipped(make_store):
     assert len(store.memory(1, "s")[1]) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_unreachable_redis_is_one_clear_error():
     with pytest.raises(StoreUnavailable, match=r"REDIS_URL=redis://:\*\*\*@127.0.0.1:\d+/0.*MODEL_DIR"):
-        RedisStore(f"redis://:secret@127.0.0.1:{_free_port()}/0")
+        RedisStore(f"redis://:secret@127.0.0.1:{free_port()}/0")
 
 
 def test_unwritable_model_dir_is_one_clear_error(tmp_path):

@@ -67,6 +67,15 @@ class ImageFetcher:
         self._session = requests.Session()
         self._access_tokens = _AccessTokens(self._session, timeout)
 
+    @classmethod
+    def from_settings(cls, settings) -> "ImageFetcher":
+        """The fetcher a backend or worker process builds from its settings (``backend.config.Settings``)."""
+        hosts = tuple(h.strip() for h in settings["ALLOWED_HOSTS"].split(",") if h.strip())
+        return cls(ls_url=settings["LABEL_STUDIO_URL"] or None, api_key=settings["LABEL_STUDIO_API_KEY"] or None,
+                   local_files_root=settings["LOCAL_FILES_DOCUMENT_ROOT"] or None,
+                   max_bytes=settings["IMAGE_MAX_BYTES"], timeout=settings["IMAGE_TIMEOUT"],
+                   allowed_hosts=hosts or None)
+
     def use_setup_values(self, hostname: str | None, access_token: str | None) -> None:
         """Remember what /setup sent: used where LABEL_STUDIO_URL or LABEL_STUDIO_API_KEY is not set."""
         self._setup_hostname = _base_url(hostname, "/setup's hostname")
