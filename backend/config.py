@@ -18,7 +18,7 @@ SETTINGS: tuple[tuple[str, type, Any, str], ...] = (
     ("CLIP_MODEL", str, "openai/clip-vit-base-patch32", "CLIP checkpoint: hub id (from the local cache) or a directory"),
     ("DETECTOR", str, "fasterrcnn_resnet50_fpn_v2", "proposal detector: fasterrcnn_resnet50_fpn_v2, fasterrcnn_resnet50_fpn, fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_mobilenet_v3_large_320_fpn, tiny_shapes"),
     ("DETECTOR_WEIGHTS", str, "", "detector state-dict file; empty = torchvision's COCO file in the torch hub cache"),
-    ("PROFILE", str, "default", "`default` (R50-FPN v2) or `cpu` (MobileNetV3-FPN detector: ~7x faster on a CPU, see README)"),
+    ("PROFILE", str, "default", "`default` (R50-FPN v2) or `cpu` (MobileNetV3-FPN detector: ~10x faster on a CPU, see README)"),
     ("DEVICE", str, "auto", "`auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`"),
     ("TORCH_THREADS", int, 0, "torch CPU threads; 0 = torch's default (all cores)"),
     ("PROPOSAL_MODE", str, "detector", "`detector` (final boxes of any class) or `rpn` (objectness proposals: finds objects the detector has no class for)"),

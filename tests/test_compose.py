@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from backend.jobs import QUEUE_NAME as QUEUE   # the queue the backend enqueues on
+
 COMPOSE_FILE = Path(__file__).resolve().parents[1] / "docker-compose.yml"
 
-QUEUE = "clip-ls"
 WSGI_APP = "backend.wsgi:app"
 # Settings the backend and the worker must receive (names read by backend/config.py).
 BACKEND_ENV = (
@@ -88,6 +89,7 @@ def test_worker(services):
     assert command[:2] == ["rq", "worker"]
     assert command[-1] == QUEUE
     assert command[command.index("--url") + 1] == "redis://redis:6379/0"
+    assert command[command.index("--worker-class") + 1] == "rq.worker.SimpleWorker"   # models stay loaded
 
 
 def test_redis(services):
