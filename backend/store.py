@@ -37,7 +37,7 @@ import struct
 import threading
 import time
 from pathlib import Path
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from typing import Iterable, Iterator, Mapping, NamedTuple
 
 from .labeling.adapter import Examples, Memory
@@ -54,8 +54,8 @@ class StoreUnavailable(RuntimeError):
 
 
 class Change(NamedTuple):
-    """Set one source's record (``payload``), or forget it (``payload=None``). Applied only when ``stamp`` is
-    not older than the stored one; a forgotten source stays forgotten until the memory is replaced."""
+    """Set one source's record (``payload``), or forget it (``payload=None``: always applies, ``stamp`` unused).
+    A record is set only when ``stamp`` is not older than the stored one; a forgotten source stays forgotten."""
 
     source: str
     stamp: float
@@ -86,7 +86,8 @@ class Store:
         raise NotImplementedError
 
     def replace(self, project: int, space: str, changes: Iterable[Change]) -> int:
-        """Replace the project's whole memory (tombstones included) atomically, bumping the revision."""
+        """Replace the project's memory by a rebuild's listing atomically, bumping the revision (tombstones
+        stay: see ``_replacement``)."""
         raise NotImplementedError
 
     def record_predictions(self, project: int, records: Mapping[int, dict]) -> None:
@@ -131,9 +132,12 @@ class Store:
         return [k for k, (_, task, payload) in self.snapshot(project, space)[1].items() if payload and task in tasks]
 
 
+def _stamp(change: Change) -> float:
+    return TOMBSTONE if change.payload is None else change.stamp
+
+
 def _pack(change: Change) -> bytes:
-    stamp = TOMBSTONE if change.payload is None else change.stamp
-    return struct.pack("<dq", stamp, -1 if change.task is None else int(change.task)) + (change.payload or b"")
+    return struct.pack("<dq", _stamp(change), -1 if change.task is None else int(change.task)) + (change.payload or b"")
 
 
 def _unpack(value: bytes) -> Record:
@@ -146,7 +150,17 @@ def _wins(change: Change, stored_stamp: float | None) -> bool:
         return True
     if stored_stamp >= TOMBSTONE:
         return False
-    return (TOMBSTONE if change.payload is None else change.stamp) >= stored_stamp
+    return _stamp(change) >= stored_stamp
+
+
+def _replacement(stored: Mapping[str, float], changes: Iterable[Change]) -> tuple[list[str], list[Change]]:
+    """What replacing a memory by ``changes`` (a rebuild's listing) deletes and writes: live records the listing
+    lacks go, listed records are written where they win. Tombstones stay (Label Studio never reuses an
+    annotation id), so an annotation deleted while the listing was being fetched stays forgotten, and a record
+    updated meanwhile keeps its newer version."""
+    listed = {c.source: c for c in changes if c.payload is not None}
+    delete = [source for source, stamp in stored.items() if stamp < TOMBSTONE and source not in listed]
+    return delete, [c for c in listed.values() if _wins(c, stored.get(c.source))]
 
 
 class RedisStore(Store):
@@ -198,14 +212,24 @@ class RedisStore(Store):
         return result["revision"]
 
     def replace(self, project: int, space: str, changes: Iterable[Change]) -> int:
+        changes = list(changes)
         mem, rev = self._keys(project, space)
-        mapping = {c.source: _pack(c) for c in changes if c.payload is not None}
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.delete(mem)
-        if mapping:
-            pipe.hset(mem, mapping=mapping)
-        pipe.incr(rev)
-        return int(pipe.execute()[-1])
+        result = {}
+
+        def update(pipe):
+            stored = {k.decode(): _unpack(v)[0] for k, v in pipe.hgetall(mem).items()}
+            delete, write = _replacement(stored, changes)
+            current = int(pipe.get(rev) or 0)
+            pipe.multi()
+            if delete:
+                pipe.hdel(mem, *delete)
+            if write:
+                pipe.hset(mem, mapping={c.source: _pack(c) for c in write})
+            pipe.incr(rev)
+            result["revision"] = current + 1
+
+        self.redis.transaction(update, mem, rev)
+        return result["revision"]
 
     def record_predictions(self, project: int, records: Mapping[int, dict]) -> None:
         if not records:
@@ -233,7 +257,7 @@ class SqliteStore(Store):
         self.path = Path(directory) / SQLITE_FILE
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self._connect() as db:
+            with closing(self._connect()) as db:
                 db.executescript("""
                     CREATE TABLE IF NOT EXISTS memory (space TEXT, project INTEGER, source TEXT, stamp REAL,
                         task INTEGER, payload BLOB, PRIMARY KEY (space, project, source));
@@ -303,17 +327,19 @@ class SqliteStore(Store):
 
     def replace(self, project: int, space: str, changes: Iterable[Change]) -> int:
         with self._writing() as db:
-            db.execute("DELETE FROM memory WHERE space=? AND project=?", (space, project))
-            for change in changes:
-                if change.payload is not None:
-                    self._put(db, project, space, change)
+            stored = dict(db.execute("SELECT source, stamp FROM memory WHERE space=? AND project=?",
+                                     (space, project)).fetchall())
+            delete, write = _replacement(stored, changes)
+            db.executemany("DELETE FROM memory WHERE space=? AND project=? AND source=?",
+                           [(space, project, source) for source in delete])
+            for change in write:
+                self._put(db, project, space, change)
             return self._bump(db, project, space)
 
     @staticmethod
     def _put(db, project: int, space: str, change: Change) -> None:
-        stamp = TOMBSTONE if change.payload is None else change.stamp
         db.execute("INSERT OR REPLACE INTO memory VALUES (?, ?, ?, ?, ?, ?)",
-                   (space, project, change.source, stamp, change.task, change.payload or b""))
+                   (space, project, change.source, _stamp(change), change.task, change.payload or b""))
 
     def _bump(self, db, project: int, space: str) -> int:
         db.execute("INSERT INTO revisions VALUES (?, ?, 1) ON CONFLICT (space, project) "

@@ -89,16 +89,27 @@ def test_older_writes_lose_and_equal_or_newer_win(make_store):
 def test_forgetting_sticks_until_the_memory_is_replaced(make_store):
     store = make_store()
     store.apply(1, "s", [Change("annotation:1", 1.0, examples(2).to_bytes(), task=4)])
-    before = store.memory(1, "s")[1].token
     assert store.apply(1, "s", [Change("annotation:1", 2.0, None)]) == 2
     assert len(store.memory(1, "s")[1]) == 0 and store.memory(1, "s")[1].token == ""
     # a slow job that started before the deletion cannot bring the annotation back
     assert store.apply(1, "s", [Change("annotation:1", 99.0, examples(2).to_bytes())]) == 2
     assert store.records(1, "s") == {}
-    # START_TRAINING's rebuild replaces everything, tombstones included
+    # nor can START_TRAINING's rebuild, from a listing fetched before the deletion
     assert store.replace(1, "s", [Change("annotation:1", 1.0, examples(2).to_bytes(), task=4)]) == 3
-    assert store.memory(1, "s")[1].token == before
-    assert store.tasks_sources(1, "s", {4}) == ["annotation:1"] and store.tasks_sources(1, "s", {5}) == []
+    assert store.records(1, "s") == {} and store.memory(1, "s")[1].token == ""
+
+
+def test_a_rebuild_drops_what_the_listing_lacks_and_keeps_newer_records(make_store):
+    store = make_store()
+    store.apply(1, "s", [Change("annotation:1", 1.0, examples(2).to_bytes(), task=4),
+                         Change("annotation:2", 5.0, examples(1).to_bytes(), task=5)])
+    listed = [Change("annotation:2", 3.0, examples(3).to_bytes(), task=5),   # updated since the listing
+              Change("annotation:3", 1.0, examples(2).to_bytes(), task=6)]
+    assert store.replace(1, "s", listed) == 2
+    records = store.records(1, "s")
+    assert set(records) == {"annotation:2", "annotation:3"} and records["annotation:2"][0] == 5.0
+    assert sorted(store.tasks_sources(1, "s", {5, 6})) == ["annotation:2", "annotation:3"]
+    assert store.tasks_sources(1, "s", {4}) == []
 
 
 def test_projects_and_embedding_spaces_are_separate(make_store):
