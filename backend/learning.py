@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Iterable
 
 import torch
@@ -57,6 +57,9 @@ FORGET_EVENTS = ("ANNOTATIONS_DELETED", "TASKS_DELETED")
 DELETED_IOU = 0.5        # a predicted box without an annotated box of at least this IoU was deleted: background
 TASKS_PAGE_SIZE = 100
 EMPTY = Memory()
+# The memory this thread's next labeling uses. Per thread, not per Learning: a process may build several
+# backends around one Labeler (bulk workers, one per Label Studio), whose adjust_logits hook is the last one set.
+_pinned = threading.local()
 
 
 def embedding_space(spec: ModelSpec) -> str:
@@ -80,7 +83,6 @@ class Learning:
         self.fetcher = fetcher
         self.demo = demo
         self.adapter = adapter
-        self._pinned = threading.local()
 
     @classmethod
     def for_backend(cls, settings, labeler: Labeler, fetcher: ImageFetcher, lock=None) -> "Learning":
@@ -90,15 +92,13 @@ class Learning:
         if settings["REDIS_URL"]:
             jobs = RQJobs(settings["REDIS_URL"])
         else:
-            jobs = InProcessJobs(Learner(labeler, store, fetcher, space, lock).run)
+            jobs = InProcessJobs(Learner(labeler, store, fetcher, space, lock, settings["MAX_IMAGE_PIXELS"]).run)
         return cls(store, jobs, space, labeler.clip, fetcher, settings.demo)
 
     # ------------------------------------------------------------------ predictions
     def versioned(self, base_version: str, project) -> str:
         """The model version for this project's stored memory; pins that memory for this thread's next labeling."""
-        project_id = project_id_of(project)
-        memory = self.store.memory(project_id, self.space)[1] if project_id is not None else EMPTY
-        self._pinned.memory = memory
+        memory = _pinned.memory = self.memory(project)
         if not memory.token:
             return base_version
         return f"{base_version}-{hashlib.sha256(f'{base_version}:{memory.token}'.encode()).hexdigest()[:8]}"
@@ -109,7 +109,7 @@ class Learning:
 
     def adjust_logits(self, head: str, embeddings: torch.Tensor, logits: torch.Tensor,
                       labelset: LabelSet) -> torch.Tensor:
-        memory = getattr(self._pinned, "memory", None)
+        memory = getattr(_pinned, "memory", None)
         if not memory:
             return logits
         return adjust_logits(memory, head, embeddings, logits, labelset, lambda e: self.clip.logits(e, labelset),
@@ -134,7 +134,11 @@ class Learning:
     # ------------------------------------------------------------------ webhooks
     def handle(self, event: str, data: dict) -> dict:
         """Answer a webhook at once: queue the learning, apply deletions; never wait for models."""
-        answer = self._handle(event, data)
+        try:
+            answer = self._handle(event, data)
+        except Exception as error:   # noqa: BLE001 - the store or queue is down: say so, Label Studio carries on
+            log.exception("webhook %s: not handled", event)
+            return {"status": "error", "event": event, "reason": f"{type(error).__name__}: {error}"}
         log.info("webhook %s for project %s: %s", event, project_id_of(data.get("project")),
                  ", ".join(f"{k} {v}" for k, v in answer.items() if k != "event"))
         return answer
@@ -172,10 +176,10 @@ class Learning:
 
     def forget(self, project_id: int, data: dict, event: str) -> int:
         if event == "ANNOTATIONS_DELETED":
-            ids = [a.get("id") for a in _as_list(data.get("annotations")) if isinstance(a, dict)]
+            ids = [id_of(a.get("id")) for a in _as_list(data.get("annotations")) if isinstance(a, dict)]
             sources = [source_key(i) for i in ids if i is not None]
         else:
-            tasks = {t.get("id") for t in _as_list(data.get("tasks")) if isinstance(t, dict)}
+            tasks = {id_of(t.get("id")) for t in _as_list(data.get("tasks")) if isinstance(t, dict)} - {None}
             sources = self.store.tasks_sources(project_id, self.space, tasks)
         if sources:
             self.store.apply(project_id, self.space, [Change(s, time.time(), None) for s in sources])
@@ -257,7 +261,7 @@ class Learner:
             yield from (t for t in tasks if isinstance(t, dict))
             seen += len(tasks)
             total = answer.get("total") if isinstance(answer, dict) else None
-            if not isinstance(total, int) or seen >= total or len(tasks) < TASKS_PAGE_SIZE:
+            if len(tasks) < TASKS_PAGE_SIZE or (isinstance(total, int) and seen >= total):
                 return
             page += 1
 
@@ -323,37 +327,46 @@ def project_id_of(project) -> int | None:
     """``"12.1716400000"`` (setup/predict), ``12`` or ``{"id": 12, ...}`` (webhooks) → 12."""
     if isinstance(project, dict):
         project = project.get("id")
-    if isinstance(project, bool):
-        return None
-    try:
-        return int(str(project).split(".")[0])
-    except (TypeError, ValueError):
-        return None
+    return id_of(project.split(".")[0] if isinstance(project, str) else project)
+
+
+def id_of(value) -> int | None:
+    """A Label Studio id (an int, or its digits as a string) within a 64-bit integer, else None."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    return value if type(value) is int and 0 <= value < 2**63 else None
 
 
 def annotation_items(data: dict) -> list[dict]:
     """The (annotation, task) pairs of an ANNOTATION_CREATED/UPDATED or bulk ANNOTATIONS_CREATED payload, cut
     down to what learning needs (the job payload stays small)."""
     annotations = [a for a in _as_list(data.get("annotation") or data.get("annotations")) if isinstance(a, dict)]
-    tasks = {t.get("id"): t for t in _as_list(data.get("task") or data.get("tasks")) if isinstance(t, dict)}
+    tasks = {id_of(t.get("id")): t for t in _as_list(data.get("task") or data.get("tasks")) if isinstance(t, dict)}
+    tasks.pop(None, None)
     items = []
     for annotation in annotations:
         task_ref = annotation.get("task")
-        task = tasks.get(task_ref if not isinstance(task_ref, dict) else task_ref.get("id"))
+        task = tasks.get(id_of(task_ref.get("id") if isinstance(task_ref, dict) else task_ref))
         if task is None and len(tasks) == 1 and len(annotations) == 1:
             task = next(iter(tasks.values()))
-        if task is None or annotation.get("id") is None:
-            log.warning("annotation %s comes without its task: ignored", annotation.get("id"))
+        if task is None or id_of(annotation.get("id")) is None:
+            log.warning("annotation %r comes without its task or an id: ignored", annotation.get("id"))
             continue
         snapshot = annotation.get("prediction")
         items.append({
-            "annotation": {"id": annotation.get("id"), "result": annotation.get("result") or [],
+            "annotation": {"id": id_of(annotation.get("id")), "result": _as_list(annotation.get("result")),
                            "was_cancelled": bool(annotation.get("was_cancelled")),
-                           "updated_at": annotation.get("updated_at") or annotation.get("created_at"),
+                           # one stamp for every job of this event, even when Label Studio sent none
+                           "updated_at": annotation.get("updated_at") or annotation.get("created_at")
+                           or datetime.now(timezone.utc).isoformat(),
                            "prediction": {"result": snapshot.get("result")} if isinstance(snapshot, dict) else None},
-            "task": {"id": task.get("id"), "data": task.get("data") or {}},
+            "task": {"id": id_of(task.get("id")), "data": _as_dict(task.get("data"))},
         })
     return items
+
+
+def _as_dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def _as_list(value) -> list:

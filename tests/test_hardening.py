@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from PIL import Image
 
 from backend.app import create_app
@@ -92,6 +92,42 @@ def assert_answered(response, allowed=(200, 201, 400, 413, 415)):
     if response.status_code >= 400:
         assert isinstance(body.get("error"), str) and body["error"]
     return body
+
+
+# ---------------------------------------------------------------- webhooks on the real learning side
+ids = json_values | st.integers(0, 2**70) | st.sampled_from(["12", "12.1716400000", " 7 ", "-1"])
+annotations = st.fixed_dictionaries({}, optional={
+    "id": ids, "task": ids | st.fixed_dictionaries({"id": ids}), "result": json_values,
+    "was_cancelled": json_values, "updated_at": json_values, "created_at": json_values, "prediction": json_values})
+webhook_tasks = st.fixed_dictionaries({}, optional={"id": ids, "data": json_values})
+webhooks = st.fixed_dictionaries({
+    "action": st.sampled_from(["ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED",
+                               "ANNOTATIONS_DELETED", "TASKS_DELETED", "START_TRAINING", "PROJECT_UPDATED"]),
+    "project": ids | st.fixed_dictionaries({"id": ids}, optional={"label_config": st.just(CONFIG) | json_values}),
+}, optional={"annotation": annotations | json_values, "annotations": st.lists(annotations, max_size=3) | json_values,
+             "task": webhook_tasks | json_values, "tasks": st.lists(webhook_tasks, max_size=3) | json_values})
+
+
+@pytest.fixture(scope="module")
+def learning(tmp_path_factory):
+    """The real webhook handling and store; the jobs it queues are only collected (test_learning runs them)."""
+    from backend.jobs import InProcessJobs
+    from backend.learning import Learning
+    from backend.store import SqliteStore
+
+    return Learning(SqliteStore(tmp_path_factory.mktemp("state")), InProcessJobs(lambda kind, payload: None),
+                    "space", clip=None)
+
+
+@NEVER
+@given(body=webhooks)
+@example(body={"action": "TASKS_DELETED", "project": 1, "tasks": [{"id": [1]}]})
+@example(body={"action": "ANNOTATIONS_DELETED", "project": 2**70, "annotations": [{"id": 1}]})
+@example(body={"action": "ANNOTATION_CREATED", "project": {"id": 1, "label_config": CONFIG},
+               "annotation": {"id": 1, "task": [1], "was_cancelled": True}, "task": {"id": 1}})
+def test_any_webhook_payload_is_handled_not_failed(learning, body):
+    answer = learning.handle(body["action"], body)
+    assert answer["status"] in ("ignored", "queued", "done"), answer
 
 
 # ---------------------------------------------------------------- the HTTP layer, property-based
