@@ -235,8 +235,12 @@ class DiskTier(Tier):
         path = self._path(key)
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_bytes(value)
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(value)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)   # a half-written file would never be counted or evicted
+            raise
         with self._lock:
             self._bytes += len(value)
             if self._bytes > self.max_bytes:

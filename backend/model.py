@@ -113,6 +113,13 @@ class ClipBackend:
 
     def _predict_tasks(self, tasks: list[dict], config: ProjectConfig, version: str,
                        project) -> list[tuple[dict, str | None]]:
+        out = []
+        for start in range(0, len(tasks), CHUNK):   # CHUNK images in memory at a time, however many tasks
+            out += self._predict_chunk(tasks[start:start + CHUNK], config, version, project)
+        return out
+
+    def _predict_chunk(self, tasks: list[dict], config: ProjectConfig, version: str,
+                       project) -> list[tuple[dict, str | None]]:
         started = time.perf_counter()
         images = self._load_images(tasks, config, cached=_feature_kinds(config))
         labelled = self._label([i for i in images if i.usable], config)

@@ -57,6 +57,7 @@ STATE_TTL_S = 30 * 24 * 3600           # progress is kept this long after the la
 PAGE_SIZE = 100                        # tasks per Label Studio API page
 RETRIES = 2                            # a chunk runs at most 1 + RETRIES times
 LOCK_TTL_S = 30                        # one coordinator per project and version; a dead one's lock lapses
+COORDINATOR_TIMEOUT_S = 10             # per Label Studio call of the coordinator: well inside the lock's life
 POLL_S = 0.5
 CLEANUP_EVERY_S = 5.0                  # how often the coordinator asks RQ to re-queue abandoned chunks
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +71,10 @@ class LabelStudioAPIError(RuntimeError):
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
         self.status = status
+
+
+class LockLost(RuntimeError):
+    """Another coordinator took over this project and version."""
 
 
 class StartError(RuntimeError):
@@ -213,14 +218,20 @@ class RunState:
         return bool(self.redis.set(self.lock_key, token, nx=True, ex=LOCK_TTL_S)) or self.refresh(token)
 
     def refresh(self, token: str) -> bool:
-        if (self.redis.get(self.lock_key) or b"").decode() != token:
-            return False
-        self.redis.expire(self.lock_key, LOCK_TTL_S)
-        return True
+        """Extend the lock if this run still holds it (one atomic step); False when another run took it."""
+        return bool(self.redis.eval(_EXTEND_IF_OURS, 1, self.lock_key, token, LOCK_TTL_S))
+
+    def hold(self, token: str) -> None:
+        if not self.refresh(token):
+            raise LockLost(f"this run lost its lock {self.lock_key} (Label Studio or Redis answered slower than "
+                           f"{LOCK_TTL_S} s) and another run took over; it stops here, the other one goes on")
 
     def release(self, token: str) -> None:
-        if (self.redis.get(self.lock_key) or b"").decode() == token:
-            self.redis.delete(self.lock_key)
+        self.redis.eval(_DELETE_IF_OURS, 1, self.lock_key, token)
+
+
+_EXTEND_IF_OURS = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) end return 0"
+_DELETE_IF_OURS = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
 # ---------------------------------------------------------------------------------------------- worker side
@@ -312,11 +323,22 @@ def process_chunk(backend, api: LabelStudioAPI, state: RunState, run: dict, task
 
         config = project_config(run["label_config"], backend.settings.prompt_defaults)
         ours = {run["version"], backend.model_version(config, run["project"])}
+        settled = set()
         for task in [t for t in todo if t["id"] in started_before]:
-            if api.prediction_versions(task["id"]) & ours:   # written by an attempt that died before recording it
+            try:
+                versions = api.prediction_versions(task["id"])
+            except LabelStudioAPIError as failure:
+                if failure.status not in (400, 404):
+                    raise
+                state.mark_failed(task["id"], f"Label Studio no longer has the task: {failure}")
+                counts["failed"] += 1
+                settled.add(task["id"])
+                continue
+            if versions & ours:   # written by an attempt that died before recording it
                 state.mark_done(task["id"], "predicted")
                 counts["existing"] += 1
-        todo = [t for t in todo if t["id"] not in state.done_among([t["id"] for t in todo])]
+                settled.add(task["id"])
+        todo = [t for t in todo if t["id"] not in settled]
     if not todo:
         return counts
     version, outcomes = backend.predict_each(todo, run["label_config"], run["project"])
@@ -427,9 +449,10 @@ class Coordinator:
         from rq.job import Job
 
         jobs = state.jobs()
+        statuses = self.statuses(list(jobs))   # before ``done``: a task done meanwhile must count as done
         done = state.done_among([t for ids in jobs.values() for t in ids])
         live = 0
-        for job_id, status in self.statuses(list(jobs)).items():
+        for job_id, status in statuses.items():
             if status in ("queued", "started", "deferred", "scheduled"):
                 live += 1
                 continue
@@ -477,7 +500,7 @@ class Coordinator:
             self.say("\ninterrupted: the queued chunks stay with the workers; run the same command again to "
                      "follow them and enqueue what is left")
             return 130
-        except (LabelStudioAPIError, redis_lib.RedisError) as error:
+        except (LabelStudioAPIError, redis_lib.RedisError, LockLost) as error:
             self.say(f"error: {error}\nprogress is kept in Redis: run the same command again to resume")
             return 2
         finally:
@@ -504,7 +527,7 @@ class Coordinator:
                 if len(batch) >= self.chunk:
                     self.enqueue(state, run, batch)
                     enqueued, batch = enqueued + len(batch), []
-            state.refresh(self.token)
+            state.hold(self.token)
         if batch:
             self.enqueue(state, run, batch)
             enqueued += len(batch)
@@ -533,7 +556,7 @@ class Coordinator:
                     started_registry.cleanup()                 # re-queues chunks of dead workers (RQ Retry)
                     if not self.settle(state, final=True):
                         break
-                    state.refresh(self.token)
+                    state.hold(self.token)
                     state.touch()
                     last_cleanup = now
                     if now - last_hint > 60 and not Worker.count(queue=self.queue):
@@ -644,7 +667,7 @@ def preannotate_command(args) -> int:
         print(f"error: cannot reach Redis at {redis_url}: {error}", file=sys.stderr)
         return 2
     queue = Queue(args.queue, connection=connection)
-    api = LabelStudioAPI(ls_url, settings["LABEL_STUDIO_API_KEY"] or None)
+    api = LabelStudioAPI(ls_url, settings["LABEL_STUDIO_API_KEY"] or None, timeout=COORDINATOR_TIMEOUT_S)
     workers = []
     if args.workers > 0:
         import tempfile
