@@ -63,6 +63,11 @@ def _parse(kind: type, raw: str) -> Any:
     return kind(raw)
 
 
+def demo_from_env(environ: Mapping[str, str] | None = None) -> bool:
+    """``DEMO=true`` (gunicorn, RQ workers): the bundled tiny models."""
+    return _parse(bool, (os.environ if environ is None else environ).get("DEMO", ""))
+
+
 @dataclass(frozen=True)
 class Settings:
     values: Mapping[str, Any]

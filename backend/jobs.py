@@ -20,6 +20,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import uuid
 from typing import Any, Callable
 
@@ -106,8 +107,9 @@ class RQJobs:
 
 
 # ---------------------------------------------------------------- the RQ worker side
+_models: dict[bool, tuple[Any, Any]] = {}
 _learners: dict[bool, Any] = {}
-_learners_lock = threading.Lock()
+_worker_lock = threading.Lock()
 
 
 def run_job(kind: str, payload: dict):
@@ -115,17 +117,32 @@ def run_job(kind: str, payload: dict):
     return worker_learner(bool(payload.get("demo"))).run(kind, payload)
 
 
-def worker_learner(demo: bool):
-    """The worker process's ``Learner``, built from the environment's settings (``demo``: the tiny models)."""
-    with _learners_lock:
-        if demo not in _learners:
-            from .config import Settings
+def worker_models(demo: bool) -> tuple[Any, Any]:
+    """The worker process's settings (from its environment) and models (a ``Labeler``), loaded once at the first
+    job that needs them and shared by learning jobs and bulk pre-annotation chunks. ``demo`` (or ``DEMO=true`` in
+    the worker's environment): the bundled tiny models."""
+    from .config import Settings, demo_from_env
+
+    demo = demo or demo_from_env()
+    with _worker_lock:
+        if demo not in _models:
             from .labeling.factory import build_labeler, set_threads
-            from .learning import Learner
 
             settings = Settings.from_env(demo=demo)
             set_threads(settings["TORCH_THREADS"])
-            labeler = build_labeler(settings.model_spec(), with_detector=False)   # corrections need CLIP only
-            _learners[demo] = Learner.from_settings(settings, labeler)
-            log.info("worker: models loaded (%s)", "demo" if demo else settings["CLIP_MODEL"])
-        return _learners[demo]
+            started = time.perf_counter()
+            _models[demo] = settings, build_labeler(settings.model_spec())
+            log.info("worker: models loaded in %.1f s (%s)", time.perf_counter() - started,
+                     "demo" if demo else settings["CLIP_MODEL"])
+        return _models[demo]
+
+
+def worker_learner(demo: bool):
+    """The worker process's ``Learner``."""
+    settings, labeler = worker_models(demo)
+    with _worker_lock:
+        if settings.demo not in _learners:
+            from .learning import Learner
+
+            _learners[settings.demo] = Learner.from_settings(settings, labeler)
+        return _learners[settings.demo]

@@ -236,38 +236,30 @@ _DELETE_IF_OURS = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.ca
 
 # ---------------------------------------------------------------------------------------------- worker side
 _backends: dict[tuple[str, bool], Any] = {}
-_labelers: dict[bool, Any] = {}
 _backends_lock = threading.Lock()
 
 
 def worker_backend(ls_url: str | None, demo: bool):
-    """The worker process's ``ClipBackend`` for one Label Studio; models load once per process, at first use.
+    """The worker process's ``ClipBackend`` for one Label Studio, around the worker's models (loaded once).
 
     The worker's own ``LABEL_STUDIO_URL`` wins over the coordinator's: it is how this machine reaches Label
     Studio (a container name, say), while the coordinator may run elsewhere."""
     from .config import Settings
+    from .jobs import worker_models
 
-    demo = demo or os.environ.get("DEMO", "").strip().lower() in ("1", "true", "yes")
-    base = Settings.from_env(demo=demo)
+    base, labeler = worker_models(demo)
     url = base["LABEL_STUDIO_URL"] or ls_url or ""
     with _backends_lock:
-        if (url, demo) not in _backends:
-            from .labeling.factory import build_labeler, set_threads
+        if (url, base.demo) not in _backends:
             from .model import ClipBackend
 
-            if demo not in _labelers:
-                set_threads(base["TORCH_THREADS"])
-                started = time.perf_counter()
-                _labelers[demo] = build_labeler(base.model_spec())
-                log.info("worker: models loaded in %.1f s (%s)", time.perf_counter() - started,
-                         "demo" if demo else base["CLIP_MODEL"])
             if not base["REDIS_URL"]:
                 log.warning("worker: REDIS_URL is not set in this worker's environment, so it shares neither the "
                             "feature cache nor the learned corrections of the server; its predictions may carry "
                             "another model version than the server's /setup. Set REDIS_URL as for the server")
-            settings = Settings({**base.values, "LABEL_STUDIO_URL": url}, demo)
-            _backends[(url, demo)] = ClipBackend(settings, _labelers[demo])
-        return _backends[(url, demo)]
+            settings = Settings({**base.values, "LABEL_STUDIO_URL": url}, base.demo)
+            _backends[(url, base.demo)] = ClipBackend(settings, labeler)
+        return _backends[(url, base.demo)]
 
 
 def _worker_api(backend, ls_url: str | None) -> LabelStudioAPI:

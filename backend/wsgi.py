@@ -2,9 +2,7 @@
 
 Settings come from the environment (``DEMO=true`` for the bundled tiny models).
 """
-import os
-
 from .app import create_app
-from .config import Settings
+from .config import Settings, demo_from_env
 
-app = create_app(Settings.from_env(demo=os.environ.get("DEMO", "").lower() in ("1", "true", "yes")))
+app = create_app(Settings.from_env(demo=demo_from_env()))
