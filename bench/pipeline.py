@@ -6,7 +6,8 @@ Real architectures: CLIP ViT-B/32 and the chosen Faster R-CNN, with real weights
 machine and random weights otherwise (speed does not depend on weight values; the output says which).
 Both pipelines classify the same boxes: ours cuts all crops from the decoded tensor and runs CLIP in batches
 with text embeddings computed once; the naive one does what composed detector+classifier tools do: PIL crop →
-JPEG temp file → processor → one CLIP call per crop that also re-encodes the prompts.
+JPEG temp file → processor → one CLIP call per crop that also re-encodes the prompts, padded to CLIP's full
+77-token context as OpenAI's ``clip.tokenize`` does (autodistill-clip's ``predict`` works this way).
 The last line is ``batched/naive speedup: N.Nx`` (classification stage, median of the per-round ratios).
 """
 from __future__ import annotations
@@ -106,6 +107,7 @@ def naive(clip: Clip, files, boxes, labelset) -> tuple[float, torch.Tensor]:
                                                                  crop_size=clip.pixels.size),
                               tokenizer=clip.tokenizer)
     prompts = [p[0] for p in labelset.prompts] + list(labelset.background)
+    context = clip.model.config.text_config.max_position_embeddings   # 77: clip.tokenize pads every prompt to it
     out = []
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
@@ -114,8 +116,8 @@ def naive(clip: Clip, files, boxes, labelset) -> tuple[float, torch.Tensor]:
             for k, box in enumerate(image_boxes.tolist()):
                 path = Path(tmp) / f"crop_{index}_{k}.jpg"
                 image.crop(tuple(int(round(v)) for v in box)).save(path, "JPEG")
-                inputs = processor(text=prompts, images=Image.open(path), return_tensors="pt", padding=True,
-                                   truncation=True)
+                inputs = processor(text=prompts, images=Image.open(path), return_tensors="pt", padding="max_length",
+                                   max_length=context, truncation=True)
                 out.append(clip.model(**inputs).logits_per_image.softmax(-1)[0])
     return time.perf_counter() - start, torch.stack(out)
 
