@@ -118,7 +118,10 @@ class LabelStudioAPI:
                     "project" if response.status_code in (401, 403) else "")
             raise LabelStudioAPIError(f"{method} {path} → HTTP {response.status_code}{hint}: {response.text[:300]}",
                                       response.status_code)
-        return response.json() if response.content else None
+        try:
+            return response.json() if response.content else None
+        except ValueError:   # a proxy's HTML page, say
+            raise LabelStudioAPIError(f"{method} {path}: the answer is not JSON: {response.text[:200]!r}") from None
 
     def project(self, project: int) -> dict:
         return self.request("GET", f"/api/projects/{project}")
@@ -502,11 +505,12 @@ class Coordinator:
         version = run["version"]
         self.settle(state, final=False)                        # chunks of an earlier, interrupted run
         in_flight = {t for ids in state.jobs().values() for t in ids}
-        total = enqueued = existing = 0
+        enqueued = existing = 0
+        listed: set[int] = set()
         batch: list[dict] = []
         for page in self.api.pages(self.project):
             page = [t for t in page if isinstance(t.get("id"), int)]
-            total += len(page)
+            listed.update(t["id"] for t in page)
             done = state.done_among([t["id"] for t in page])
             for task in page:
                 if task["id"] in in_flight or task["id"] in done:
@@ -523,10 +527,10 @@ class Coordinator:
         if batch:
             self.enqueue(state, run, batch)
             enqueued += len(batch)
-        self.say(f"project {self.project}: {total} tasks, model version {version}: {enqueued} enqueued in chunks of "
-                 f"{self.chunk}, {len(in_flight)} still in flight from an earlier run, {existing} already predicted")
-        self._follow(state, started_registry, total)
-        return self.summary(state, total)
+        self.say(f"project {self.project}: {len(listed)} tasks, model version {version}: {enqueued} enqueued in chunks "
+                 f"of {self.chunk}, {len(in_flight)} still in flight from an earlier run, {existing} already predicted")
+        self._follow(state, started_registry, len(listed))
+        return self.summary(state, listed)
 
     def _follow(self, state: RunState, started_registry, total: int) -> None:
         from rq import Worker
@@ -561,11 +565,12 @@ class Coordinator:
                 bar.n = min(done + failed, total)
                 bar.close()
 
-    def summary(self, state: RunState, total: int) -> int:
-        done, failed = state.outcomes()
+    def summary(self, state: RunState, listed: set[int]) -> int:
+        """What became of the tasks the project has now (tasks deleted since an earlier run do not count)."""
+        done, failed = ({k: v for k, v in outcome.items() if k in listed} for outcome in state.outcomes())
         predicted = sum(1 for v in done.values() if v == "predicted")
         existing = len(done) - predicted
-        self.say(f"project {self.project}, model version {state.version}: {total} tasks: {predicted} predicted, "
+        self.say(f"project {self.project}, model version {state.version}: {len(listed)} tasks: {predicted} predicted, "
                  f"{existing} already had a prediction of this version, {len(failed)} failed")
         for task, reason in sorted(failed.items())[:20]:
             self.say(f"  failed task {task}: {reason}")
