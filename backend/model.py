@@ -214,7 +214,7 @@ class ClipBackend:
                 boxes = [r.pixel_box(width, height) for r in regions
                          if by_control.get(r.from_name, fallback) is control]
                 boxes = torch.tensor([b for b in boxes if b is not None], dtype=torch.float32).reshape(-1, 4)
-                named[control.name] = self.labeler.label_boxes(image.pixels, boxes, control.labelset)
+                named[control.name] = self.labeler.label_boxes(image.pixels, boxes, control.labelset, control.name)
             choices = self.labeler.label([image.pixels], heads)[0].choices if heads else {}
         return prediction_for_task(ImageLabels(width, height, named, choices), config, version)
 

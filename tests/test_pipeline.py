@@ -73,7 +73,7 @@ def test_a_drawn_box_gets_its_shape(labeler):
     correct = total = 0
     for scene in scenes(HELD_OUT + 2, 30, shapes=KNOWN_SHAPES):
         boxes = torch.tensor([o.box for o in scene.objects])
-        named = labeler.label_boxes(scene_tensor(scene.image), boxes, KNOWN)
+        named = labeler.label_boxes(scene_tensor(scene.image), boxes, KNOWN, "label")
         correct += sum(a == o.shape for a, o in zip(named.labels, scene.objects))
         total += len(scene.objects)
     print(f"\ndrawn boxes named right: {correct}/{total}")

@@ -45,7 +45,6 @@ import torch
 from .prompts import LabelSet
 
 MAGIC = b"CLX1"
-ANY_HEAD = ""  # the head the interactive path names: examples of every head count
 ZeroShot = Callable[[torch.Tensor], torch.Tensor]   # embeddings (N, D) → zero-shot logits (N, L + B)
 
 
@@ -154,15 +153,6 @@ class Memory:
     def __len__(self) -> int:
         return self.size
 
-    def index_for(self, head: str) -> HeadIndex | None:
-        if head != ANY_HEAD:
-            return self.heads.get(head)
-        if not self.heads:
-            return None
-        return HeadIndex(torch.cat([h.keys for h in self.heads.values()]),
-                         tuple(label for h in self.heads.values() for label in h.labels),
-                         torch.cat([h.groups for h in self.heads.values()]))
-
     def counts(self, head: str) -> dict[str | None, int]:
         """Examples per label of one head (None = background)."""
         index = self.heads.get(head)
@@ -178,7 +168,7 @@ class Memory:
         with self._lock:
             if key in self._fitted:
                 return self._fitted[key]
-        index = self.index_for(head)
+        index = self.heads.get(head)
         fitted = fit_head(index, labelset, zero_shot, logit_scale, settings) if index is not None else None
         with self._lock:
             self._fitted[key] = fitted

@@ -84,10 +84,11 @@ class Labeler:
             results.append(ImageLabels(f.width, f.height, regions, choices))
         return results
 
-    def label_boxes(self, image: torch.Tensor, boxes: torch.Tensor, labelset: LabelSet) -> Detections:
-        """Name boxes a person drew: they are objects, so the best label wins even over background."""
+    def label_boxes(self, image: torch.Tensor, boxes: torch.Tensor, labelset: LabelSet, head: str) -> Detections:
+        """Name boxes a person drew on control ``head``: they are objects, so the best label wins even over
+        background."""
         embeddings = self.embed_boxes([image], [boxes.float().reshape(-1, 4)], self.crops)[0]
-        probs = self._logits("", embeddings, labelset)[:, : len(labelset.labels)].softmax(-1)
+        probs = self._logits(head, embeddings, labelset)[:, : len(labelset.labels)].softmax(-1)
         score, best = probs.max(-1) if len(probs) else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
         return Detections(boxes.numpy(), score.numpy(), tuple(labelset.labels[i] for i in best.tolist()))
 
