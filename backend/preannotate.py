@@ -48,7 +48,7 @@ from typing import Any, Iterator
 import requests
 
 from .jobs import QUEUE_NAME as QUEUE   # learning jobs and bulk chunks share the queue
-from .studio.images import ImageFetchError, _AccessTokens, is_personal_access_token
+from .studio.images import ImageFetchError, LabelStudioAuth
 
 log = logging.getLogger(__name__)
 
@@ -91,25 +91,23 @@ class LabelStudioAPI:
         self.key = key or None
         self.timeout = timeout
         self.session = requests.Session()
-        self._tokens = _AccessTokens(self.session, timeout)
+        self._auth = LabelStudioAuth(self.session, timeout)
 
-    def _auth(self, stale: str | None = None) -> dict[str, str]:
+    def _headers(self, stale: str | None = None) -> dict[str, str]:
         if not self.key:
             return {}
-        if not is_personal_access_token(self.key):
-            return {"Authorization": f"Token {self.key}"}
         try:
-            return {"Authorization": "Bearer " + self._tokens.get(self.url, self.key, stale=stale)}
+            return {"Authorization": self._auth.header(self.url, self.key, stale)}
         except ImageFetchError as error:
             raise LabelStudioAPIError(str(error)) from None
 
     def request(self, method: str, path: str, **kwargs) -> Any:
         url = self.url + path
-        headers = self._auth()
+        headers = self._headers()
         try:
             response = self.session.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
             if response.status_code == 401 and headers.get("Authorization", "").startswith("Bearer "):
-                headers = self._auth(stale=headers["Authorization"].removeprefix("Bearer "))
+                headers = self._headers(stale=headers["Authorization"])
                 response = self.session.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
         except requests.RequestException as error:
             raise LabelStudioAPIError(f"cannot reach Label Studio at {self.url}: {error}") from None

@@ -65,7 +65,7 @@ class ImageFetcher:
         self._setup_hostname: str | None = None
         self._setup_access_token: str | None = None
         self._session = requests.Session()
-        self._access_tokens = _AccessTokens(self._session, timeout)
+        self._auth = LabelStudioAuth(self._session, timeout)
 
     @classmethod
     def from_settings(cls, settings) -> "ImageFetcher":
@@ -226,11 +226,7 @@ class ImageFetcher:
         """The Authorization header for Label Studio; ``stale`` is one it just refused."""
         if self._key is None:
             return None
-        key, _ = self._key
-        if not is_personal_access_token(key):
-            return f"Token {key}"
-        stale_token = stale.removeprefix("Bearer ") if stale else None
-        return "Bearer " + self._access_tokens.get(self._label_studio, key, stale=stale_token)
+        return self._auth.header(self._label_studio, self._key[0], stale)
 
     def _check_status(self, response: requests.Response, url: str, task_url: str) -> None:
         status = response.status_code
@@ -279,8 +275,10 @@ class ImageFetcher:
         return self._label_studio is not None and _origin(url) == _origin(self._label_studio)
 
 
-class _AccessTokens:
-    """Access tokens exchanged for personal access tokens, cached until shortly before they expire."""
+class LabelStudioAuth:
+    """The Authorization header for a Label Studio API key: ``Token <key>`` for a legacy token; for a personal
+    access token ``Bearer <access token>``, exchanged at /api/token/refresh/ and cached until shortly before it
+    expires."""
 
     def __init__(self, session: requests.Session, timeout: float):
         self._session = session
@@ -288,8 +286,13 @@ class _AccessTokens:
         self._lock = threading.Lock()   # one exchange at a time; the others then find its token
         self._cache: dict[tuple[str, str], tuple[str, float]] = {}   # (LS, PAT) → (access token, renew at)
 
-    def get(self, label_studio: str, pat: str, stale: str | None = None) -> str:
-        """A live access token; ``stale`` is one Label Studio refused, which is replaced unless already done."""
+    def header(self, label_studio: str, key: str, stale: str | None = None) -> str:
+        """``stale``: a header Label Studio just refused; its access token is renewed (unless already done)."""
+        if not is_personal_access_token(key):
+            return f"Token {key}"
+        return "Bearer " + self._access_token(label_studio, key, stale.removeprefix("Bearer ") if stale else None)
+
+    def _access_token(self, label_studio: str, pat: str, stale: str | None) -> str:
         with self._lock:
             token, renew_at = self._cache.get((label_studio, pat), (None, 0.0))
             if token is None or token == stale or time.time() >= renew_at:
