@@ -1,7 +1,7 @@
 """Train the bundled tiny CLIP and tiny class-agnostic Faster R-CNN on the shapes world.
 
 ``python -m backend train-tiny [--out backend/assets/tiny]`` regenerates both from fixed seeds and step counts
-(about 15 minutes on a 2-core CPU). They are saved in exactly the formats the real loaders read: a
+(about 28 minutes on a 2-core CPU). They are saved in exactly the formats the real loaders read: a
 transformers CLIP directory (model, tokenizer, processor via ``save_pretrained``) and a torchvision state dict.
 
 The tiny CLIP never sees the ``NOVEL_SHAPES`` (not in images, not in captions), nor does the detector.
