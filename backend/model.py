@@ -122,14 +122,14 @@ class ClipBackend:
                        project) -> list[tuple[dict, str | None]]:
         started = time.perf_counter()
         images = self._load_images(tasks, config, cached=_feature_kinds(config))
-        labelled = self._label([i for i in images if i.usable], config)
+        labelled = self._label_each(images, config)
         out = []
-        for image in images:
-            if not image.usable:
+        for n, image in enumerate(images):
+            if n not in labelled:
                 log.warning("task %s: no prediction: %s", image.task_id, image.error)
                 out.append(({"result": [], "score": 0.0, "model_version": version}, image.error))
             else:
-                out.append((prediction_for_task(labelled.pop(0), config, version), None))
+                out.append((prediction_for_task(labelled[n], config, version), None))
         self.learning.record_predictions(project, tasks, [result for result, _ in out])
         decoded = sum(i.pixels is not None for i in images)   # cache hits cost ~nothing: not in the estimate
         if decoded:
@@ -171,6 +171,22 @@ class ClipBackend:
             except ImageDecodeError as error:
                 images.append(TaskImage(task.get("id"), None, f"{url[0]}: {error}"))
         return images
+
+    def _label_each(self, images: list[TaskImage], config: ProjectConfig) -> dict[int, ImageLabels]:
+        """Labels by index of the usable images, all together (CLIP batches across them). Should that fail, one
+        by one, so that whatever an image triggers costs only its task: it is replaced by its error."""
+        usable = [n for n, image in enumerate(images) if image.usable]
+        try:
+            return dict(zip(usable, self._label([images[n] for n in usable], config)))
+        except Exception:   # noqa: BLE001 - logged with its traceback; the images are then labelled one by one
+            log.exception("labeling %d images together failed; labeling them one by one", len(usable))
+        labelled = {}
+        for n in usable:
+            try:
+                [labelled[n]] = self._label([images[n]], config)
+            except Exception as error:   # noqa: BLE001
+                images[n] = TaskImage(images[n].task_id, None, f"labeling failed: {type(error).__name__}: {error}")
+        return labelled
 
     def _label(self, images: list[TaskImage], config: ProjectConfig) -> list[ImageLabels]:
         regions, whole = _feature_kinds(config)

@@ -440,6 +440,42 @@ def test_every_bad_image_gets_an_empty_result_with_a_logged_reason(real_client, 
     assert predict(real_client, tasks[:1])[0]["result"]       # and keeps serving
 
 
+def test_extreme_image_shapes_are_labelled_like_any_other(real_client, image_hosts, caplog):
+    """1 x 1 px and slivers (1 x 3000 px: the detector's resize would make them 0 px) get a prediction."""
+    caplog.set_level(logging.WARNING)
+    tasks = []
+    for i, (width, height) in enumerate([(1, 1), (3000, 1), (1, 3000), (2, 2000), (3000, 40)]):
+        buffer = io.BytesIO()
+        Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, "PNG")
+        FILES[f"/shape-{width}x{height}.png"] = buffer.getvalue()
+        tasks.append({"id": 200 + i, "data": {"image": f"{image_hosts[0]}/shape-{width}x{height}.png"}})
+    results = predict(real_client, tasks + [{"id": 2, "data": {"image": f"{image_hosts[0]}/ok.png"}}])
+    assert all(isinstance(r["result"], list) for r in results) and results[-1]["result"]
+    assert not [m for m in caplog.messages if "no prediction" in m], caplog.messages
+
+
+def test_an_image_the_models_fail_on_costs_only_its_task(real_client, real_backend, image_hosts, caplog,
+                                                         monkeypatch):
+    """Fault injection: the models raise on one image size. Its task gets an empty result with the reason; the
+    other images of the request, labelled in the same batch at first, still get theirs."""
+    features = real_backend.labeler.features
+
+    def failing(pixels, *args, **kwargs):
+        if any(tuple(p.shape[1:]) == (7, 9) for p in pixels if p is not None):
+            raise RuntimeError("injected failure")
+        return features(pixels, *args, **kwargs)
+
+    monkeypatch.setattr(real_backend.labeler, "features", failing)
+    buffer = io.BytesIO()
+    Image.new("RGB", (9, 7)).save(buffer, "PNG")
+    FILES["/seven-by-nine.png"] = buffer.getvalue()
+    caplog.set_level(logging.WARNING)
+    good = {"id": 2, "data": {"image": f"{image_hosts[0]}/ok.png"}}
+    results = predict(real_client, [{"id": 300, "data": {"image": f"{image_hosts[0]}/seven-by-nine.png"}}, good])
+    assert results[0]["result"] == [] and results[1]["result"]
+    assert [m for m in caplog.messages if "task 300:" in m and "injected failure" in m]
+
+
 @pytest.mark.parametrize("task", [
     {"id": 1}, {"id": 1, "data": None}, {"id": 1, "data": "image.png"}, {"id": 1, "data": ["a"]},
     {"id": 1, "data": {"image": None}}, {"id": 1, "data": {"image": 42}}, {"id": 1, "data": {"image": ["x"]}},

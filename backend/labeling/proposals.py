@@ -52,9 +52,13 @@ class Proposer:
     @torch.inference_mode()
     def __call__(self, image: torch.Tensor) -> Proposals:
         """(3, H, W) uint8 image → class-agnostic proposals."""
-        pixels = image.to(self.device).float() / 255.0
+        height, width = image.shape[-2:]
+        pixels = _pad_sliver(image.to(self.device).float() / 255.0)
         boxes, scores = self._rpn(pixels) if self.settings.mode == "rpn" else self._detections(pixels)
-        return self._select(boxes.cpu(), scores.cpu())
+        boxes = boxes.cpu()
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)    # boxes in the padding shrink to nothing and go
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        return self._select(boxes, scores.cpu())
 
     def _detections(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model([pixels])[0]
@@ -89,3 +93,15 @@ class Proposer:
         keep = box_area(boxes) > 0
         return Proposals(boxes[keep], scores[keep])
 
+
+MAX_ASPECT = 16
+
+
+def _pad_sliver(pixels: torch.Tensor) -> torch.Tensor:
+    """The detector scales an image by its long side, so a sliver (1 x 3000 px) would shrink to 0 px and fail:
+    pad the short side (bottom / right, black) to at least 1/MAX_ASPECT of the long one. Box coordinates keep."""
+    height, width = pixels.shape[-2:]
+    short = -(-max(height, width) // MAX_ASPECT)
+    if min(height, width) >= short:
+        return pixels
+    return torch.nn.functional.pad(pixels, (0, max(short - width, 0), 0, max(short - height, 0)))
