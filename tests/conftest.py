@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from e2e.label_studio import free_port
+from e2e.local_http import free_port
 
 
 

@@ -13,7 +13,7 @@ import struct
 import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from PIL import Image
 from backend.app import create_app
 from backend.config import Settings
 from backend.studio.label_config import LabelConfigError, ProjectConfig, parse_label_config
+from e2e.local_http import QuietHandler
 
 CONFIG = """<View><Image name="image" value="$image"/>
   <RectangleLabels name="label" toName="image"><Label value="circle"/><Label value="square"/></RectangleLabels>
@@ -327,7 +328,7 @@ FILES = {
 }
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(QuietHandler):
     def do_GET(self):  # noqa: N802
         try:
             path = self.path.split("?")[0]
@@ -351,16 +352,9 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_response(500)
                 self.end_headers()
                 return
-            body = FILES.get(path)
-            self.send_response(200 if body is not None else 404)
-            self.send_header("Content-Length", str(len(body or b"")))
-            self.end_headers()
-            self.wfile.write(body or b"")
         except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def log_message(self, *args):
-        pass
+            return
+        self.send_body(FILES.get(path))
 
 
 @pytest.fixture(scope="module")

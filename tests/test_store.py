@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from backend.labeling.adapter import Examples
 from backend.store import Change, RedisStore, SqliteStore, StoreUnavailable
-from e2e.label_studio import free_port
+from e2e.local_http import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

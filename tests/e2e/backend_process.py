@@ -26,7 +26,7 @@ from pathlib import Path
 
 import requests
 
-from .label_studio import free_port
+from .local_http import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import requests
+
+from .local_http import free_port
 
 LS_VERSION = "1.23.2"
 ADMIN_EMAIL = "admin@example.com"
@@ -76,12 +77,6 @@ def default_ls_venv() -> Path:
     """`$LS_VENV`, default `$CLIP_LS_CACHE/ls-<version>` (as in scripts/env.sh)."""
     return Path(os.environ.get("LS_VENV") or cache_dir() / f"ls-{LS_VERSION}")
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: Path, lines: int = 40) -> str:

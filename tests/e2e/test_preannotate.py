@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -28,6 +28,7 @@ from backend.demo.demo_data import write_demo_data
 
 from .backend_process import REPO_ROOT, BackendProcess
 from .label_studio import LEGACY_TOKEN
+from .local_http import QuietHandler
 
 pytestmark = pytest.mark.e2e
 
@@ -39,7 +40,7 @@ JOB_TIMEOUT = 20          # a killed SimpleWorker's chunk is re-queued JOB_TIMEO
 IMAGE_DELAY_S = 0.3
 
 
-class SlowImages(BaseHTTPRequestHandler):
+class SlowImages(QuietHandler):
     directory: Path
 
     def do_GET(self):  # noqa: N802
@@ -49,16 +50,7 @@ class SlowImages(BaseHTTPRequestHandler):
             body = path.read_bytes() if path.parent == self.directory else None
         except OSError:
             body = None
-        try:
-            self.send_response(200 if body else 404)
-            self.send_header("Content-Length", str(len(body or b"")))
-            self.end_headers()
-            self.wfile.write(body or b"")
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def log_message(self, *args):
-        pass
+        self.send_body(body)
 
 
 @pytest.fixture(scope="module")
