@@ -19,7 +19,7 @@ from .config import Settings
 from .export import model_version as base_version
 from .labeling.decode import ImageDecodeError, decode_image
 from .labeling.detections import ImageLabels
-from .labeling.pipeline import ImageFeatures, Labeler
+from .labeling.pipeline import ImageFeatures, Labeler, needed_features
 from .labeling.prompts import LabelSet, PromptDefaults
 from .learning import Learning
 from .studio.images import ImageFetchError, ImageFetcher
@@ -121,7 +121,7 @@ class ClipBackend:
     def _predict_chunk(self, tasks: list[dict], config: ProjectConfig, version: str,
                        project) -> list[tuple[dict, str | None]]:
         started = time.perf_counter()
-        images = self._load_images(tasks, config, cached=_feature_kinds(config))
+        images = self._load_images(tasks, config, cached=needed_features(config.labelsets))
         labelled = self._label_each(images, config)
         out = []
         for n, image in enumerate(images):
@@ -189,29 +189,26 @@ class ClipBackend:
         return labelled
 
     def _label(self, images: list[TaskImage], config: ProjectConfig) -> list[ImageLabels]:
-        regions, whole = _feature_kinds(config)
+        regions, whole = needed_features(config.labelsets)
         with self._inference:
             return self.labeler.name(self._features(images, regions, whole), config.labelsets)
 
     def _features(self, images: list[TaskImage], regions: bool, whole: bool) -> list[ImageFeatures]:
-        """Features from the cache, else computed (in CHUNKs, under the inference lock) and stored."""
+        """Features from the cache, else computed (under the inference lock, at most CHUNK images) and stored."""
         out = [image.features for image in images]
         todo: dict[tuple[bool, bool], list[int]] = {}
         for n, image in enumerate(images):
             if image.digest and not has_parts(out[n], regions, whole):   # computed while we waited for the lock?
                 out[n] = merge(out[n], self.cache.lookup_parts(image.digest, regions, whole, count=False))
             if not has_parts(out[n], regions, whole):
-                missing = (regions and (out[n] is None or out[n].region_embeddings is None),
-                           whole and (out[n] is None or out[n].image_embedding is None))
+                missing = (regions and not has_parts(out[n], True, False), whole and not has_parts(out[n], False, True))
                 todo.setdefault(missing, []).append(n)
         for (want_regions, want_whole), indices in todo.items():
-            for start in range(0, len(indices), CHUNK):
-                chunk = indices[start:start + CHUNK]
-                computed = self.labeler.features([images[n].pixels for n in chunk], want_regions, want_whole)
-                for n, features in zip(chunk, computed):
-                    if images[n].digest:
-                        features = self.cache.store(images[n].digest, features)   # as a later hit will see them
-                    out[n] = merge(out[n], features)
+            computed = self.labeler.features([images[n].pixels for n in indices], want_regions, want_whole)
+            for n, features in zip(indices, computed):
+                if images[n].digest:
+                    features = self.cache.store(images[n].digest, features)   # as a later hit will see them
+                out[n] = merge(out[n], features)
         return out
 
     def _interactive(self, task: dict, config: ProjectConfig, regions, version: str) -> dict:
@@ -248,11 +245,5 @@ class ClipBackend:
         with self._inference:
             self.labeler.label([blank], {"warm-up": LabelSet.build(["object"])})
         return max(time.perf_counter() - started, 0.05)
-
-
-def _feature_kinds(config: ProjectConfig) -> tuple[bool, bool]:
-    """(regions, whole): which features the config's heads need."""
-    kinds = {labelset.kind for labelset in config.labelsets.values()}
-    return "regions" in kinds, "choices" in kinds
 
 

@@ -263,8 +263,8 @@ def worker_backend(ls_url: str | None, demo: bool):
         return _backends[(url, base.demo)]
 
 
-def _worker_api(backend, ls_url: str | None) -> LabelStudioAPI:
-    url = backend.settings["LABEL_STUDIO_URL"] or ls_url
+def _worker_api(backend) -> LabelStudioAPI:
+    url = backend.settings["LABEL_STUDIO_URL"]   # the worker's own, else the coordinator's (worker_backend)
     if not url:
         raise StartError("the worker does not know Label Studio's address: set LABEL_STUDIO_URL")
     return LabelStudioAPI(url, backend.settings["LABEL_STUDIO_API_KEY"] or None)
@@ -294,7 +294,7 @@ def run_chunk(run: dict, tasks: list[dict]) -> dict:
     """RQ job: predict a chunk of tasks and write each prediction back to Label Studio."""
     backend = worker_backend(run.get("ls_url"), bool(run.get("demo")))
     state = RunState(_connection(), run["project"], run["version"])
-    return process_chunk(backend, _worker_api(backend, run.get("ls_url")), state, run, tasks)
+    return process_chunk(backend, _worker_api(backend), state, run, tasks)
 
 
 def process_chunk(backend, api: LabelStudioAPI, state: RunState, run: dict, tasks: list[dict]) -> dict:

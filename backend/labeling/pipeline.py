@@ -50,6 +50,12 @@ class StageTimes:
             self.seconds[stage] += time.perf_counter() - start
 
 
+def needed_features(heads: Mapping[str, LabelSet]) -> tuple[bool, bool]:
+    """(regions, whole): the features these heads name from."""
+    kinds = {labelset.kind for labelset in heads.values()}
+    return "regions" in kinds, "choices" in kinds
+
+
 class Labeler:
     def __init__(self, clip: Clip, proposer: Proposer | None, crops: CropSettings = CropSettings(),
                  adjust_logits: LogitAdjuster | None = None):
@@ -61,8 +67,7 @@ class Labeler:
 
     def label(self, images: Sequence[torch.Tensor], heads: Mapping[str, LabelSet]) -> list[ImageLabels]:
         """Label (3, H, W) uint8 upright images with every head."""
-        kinds = {labelset.kind for labelset in heads.values()}
-        return self.name(self.features(images, regions="regions" in kinds, whole="choices" in kinds), heads)
+        return self.name(self.features(images, *needed_features(heads)), heads)
 
     def features(self, images: Sequence[torch.Tensor], regions: bool = True, whole: bool = True) -> list[ImageFeatures]:
         """The expensive, label-independent part: proposals and CLIP embeddings (batched across images)."""
