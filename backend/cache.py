@@ -20,9 +20,7 @@ Tiers, first hit wins (a hit in a later tier is copied into the memory tier):
   pushes the total over the cap deletes the least recently used entries first. Entries that expired by TTL
   still count until the LRU pops them (they are the oldest), so the count errs high, never low. Redis' own
   ``maxmemory`` is not needed for the cache (RQ's keys must not be evicted: if you set one, use
-  ``volatile-lru``, never ``allkeys-lru``);
-- else, optionally, files under ``MODEL_DIR/feature-cache`` (``FEATURE_CACHE_DISK_MB``), least recently used
-  deleted first when over the cap.
+  ``volatile-lru``, never ``allkeys-lru``).
 
 A cache that fails (Redis down, disk full, a corrupt entry) is a miss with a log line, never an error: the
 prediction is then computed as if there were no cache. Embeddings are stored as float16 (half the bytes; the
@@ -33,31 +31,29 @@ hit will return them, so a cold and a warm prediction are identical.
 >>> from backend.labeling.pipeline import ImageFeatures
 >>> cache = FeatureCache("model-a", [MemoryTier(1 << 20)])
 >>> key = image_digest(b"the bytes of an image")
->>> cache.lookup(key, regions=False, whole=True) is None
+>>> cache.lookup_parts(key, regions=False, whole=True) is None
 True
 >>> stored = cache.store(key, ImageFeatures(640, 480, image_embedding=torch.ones(4) / 2))
->>> cache.lookup(key, regions=False, whole=True).image_embedding.tolist()
+>>> cache.lookup_parts(key, regions=False, whole=True).image_embedding.tolist()
 [0.5, 0.5, 0.5, 0.5]
->>> cache.lookup(key, regions=True, whole=True) is None      # asked for regions too: not cached yet
+>>> cache.lookup_parts(key, regions=True, whole=False) is None      # the regions are not cached yet
 True
->>> FeatureCache("model-b", cache.tiers).lookup(key, regions=False, whole=True) is None   # another model
+>>> FeatureCache("model-b", cache.tiers).lookup_parts(key, regions=False, whole=True) is None   # another model
 True
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import struct
 import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+from cachetools import LRUCache
 
 from .labeling.pipeline import ImageFeatures
 from .labeling.proposals import Proposals
@@ -65,7 +61,6 @@ from .labeling.proposals import Proposals
 log = logging.getLogger(__name__)
 
 REDIS_PREFIX = "clip-ls:features"
-DISK_DIR = "feature-cache"
 RETRY_AFTER_FAILURE_S = 30.0   # a failing tier is skipped this long, so requests do not each wait for it
 _MAGIC = b"CLF1"
 _HEADER = struct.Struct("<4sBIIII")   # magic, part, width, height, rows, dim
@@ -151,116 +146,36 @@ class Tier:
 
 
 class MemoryTier(Tier):
-    """An in-process LRU bounded by the bytes of its values (keys and bookkeeping add ~200 bytes an entry)."""
+    """An in-process LRU bounded by the bytes of its values (``cachetools``; a value larger than the whole
+    cache is not stored)."""
 
     name = "memory"
 
     def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._items: LRUCache[str, bytes] = LRUCache(maxsize=max_bytes, getsizeof=len)
         self._lock = threading.Lock()
+
+    @property
+    def bytes(self) -> int:
+        return int(self._items.currsize)
 
     def get(self, key: str) -> bytes | None:
         with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
+            return self._items.get(key)
 
     def put(self, key: str, value: bytes) -> None:
-        if len(value) > self.max_bytes:
-            return
         with self._lock:
-            old = self._items.pop(key, None)
-            self.bytes -= len(old) if old is not None else 0
-            self._items[key] = value
-            self.bytes += len(value)
-            while self.bytes > self.max_bytes:
-                _, evicted = self._items.popitem(last=False)
-                self.bytes -= len(evicted)
+            try:
+                self._items[key] = value
+            except ValueError:   # larger than the whole cache
+                pass
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
-            self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._items)
-
-
-class DiskTier(Tier):
-    """Files ``<root>/<key[:2]>/<key>.bin``, written atomically; over ``max_bytes`` the least recently used
-    (by mtime, touched on each hit) are deleted down to 90 % of the cap. Shared by the processes of a machine."""
-
-    name = "disk"
-
-    def __init__(self, root: str | os.PathLike, max_bytes: int, ttl_s: float):
-        self.root = Path(root)
-        self.max_bytes = max_bytes
-        self.ttl_s = ttl_s
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._bytes = sum(size for _, _, size in self._files())
-
-    def _path(self, key: str) -> Path:
-        safe = hashlib.sha256(key.encode()).hexdigest()   # keys hold ':' and fingerprints: hash into a file name
-        return self.root / safe[:2] / f"{safe}.bin"
-
-    def _files(self) -> list[tuple[float, Path, int]]:
-        found = []
-        for path in self.root.glob("*/*.bin"):
-            try:
-                stat = path.stat()
-            except OSError:
-                continue
-            found.append((stat.st_mtime, path, stat.st_size))
-        return found
-
-    def get(self, key: str) -> bytes | None:
-        path = self._path(key)
-        try:
-            if time.time() - path.stat().st_mtime > self.ttl_s:
-                path.unlink(missing_ok=True)
-                return None
-            data = path.read_bytes()
-            os.utime(path)
-        except FileNotFoundError:
-            return None
-        return data
-
-    def put(self, key: str, value: bytes) -> None:
-        if len(value) > self.max_bytes:
-            return
-        path = self._path(key)
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            tmp.write_bytes(value)
-            os.replace(tmp, path)
-        except OSError:
-            tmp.unlink(missing_ok=True)   # a half-written file would never be counted or evicted
-            raise
-        with self._lock:
-            self._bytes += len(value)
-            if self._bytes > self.max_bytes:
-                self._evict()
-
-    def _evict(self) -> None:
-        files = sorted(self._files())   # oldest use first; the scan also corrects our running total
-        total = sum(size for _, _, size in files)
-        for _, path, size in files:
-            if total <= 0.9 * self.max_bytes:
-                break
-            path.unlink(missing_ok=True)
-            total -= size
-        self._bytes = total
-
-    def clear(self) -> None:
-        with self._lock:
-            for _, path, _ in self._files():
-                path.unlink(missing_ok=True)
-            self._bytes = 0
 
 
 # KEYS: entry, lru zset, byte counter, sizes hash. ARGV: value, ttl s, now, cap bytes. Returns evictions.
@@ -347,7 +262,7 @@ class CacheStats:
 
 
 class FeatureCache:
-    """``lookup``/``store`` image features by image digest for one model fingerprint; safe across threads."""
+    """``lookup_parts``/``store`` image features by image digest for one model fingerprint; safe across threads."""
 
     def __init__(self, fingerprint: str, tiers: Sequence[Tier]):
         self.fingerprint = fingerprint
@@ -362,11 +277,6 @@ class FeatureCache:
 
     def _key(self, digest: str, part: str) -> str:
         return f"{self.fingerprint}:{part}:{digest}"
-
-    def lookup(self, digest: str, regions: bool, whole: bool) -> ImageFeatures | None:
-        """Features with every asked part, or None. ``lookup_parts`` also returns partial hits."""
-        found = self.lookup_parts(digest, regions, whole)
-        return found if has_parts(found, regions, whole) else None
 
     def lookup_parts(self, digest: str, regions: bool, whole: bool, count: bool = True) -> ImageFeatures | None:
         """Whatever of the asked parts is cached (None when nothing is); ``count``: a hit in ``stats`` only
@@ -433,7 +343,7 @@ class FeatureCache:
 
 
 def build_feature_cache(settings, fingerprint: str) -> FeatureCache:
-    """The cache the settings ask for: memory, then Redis (REDIS_URL) or disk (FEATURE_CACHE_DISK_MB)."""
+    """The cache the settings ask for: memory, then Redis (when REDIS_URL is set)."""
     mb = 1024 * 1024
     ttl_s = settings["FEATURE_CACHE_TTL_DAYS"] * 86400
     tiers: list[Tier] = []
@@ -441,11 +351,5 @@ def build_feature_cache(settings, fingerprint: str) -> FeatureCache:
         tiers.append(MemoryTier(int(settings["FEATURE_CACHE_MB"] * mb)))
     if settings["REDIS_URL"] and settings["FEATURE_CACHE_REDIS_MB"] > 0:
         tiers.append(RedisTier.from_url(settings["REDIS_URL"], int(settings["FEATURE_CACHE_REDIS_MB"] * mb), ttl_s))
-    elif not settings["REDIS_URL"] and settings["FEATURE_CACHE_DISK_MB"] > 0:
-        root = Path(settings["MODEL_DIR"]) / DISK_DIR
-        try:
-            tiers.append(DiskTier(root, int(settings["FEATURE_CACHE_DISK_MB"] * mb), ttl_s))
-        except OSError as error:
-            log.warning("feature cache: no disk tier in %s: %s", root, error)
     log.info("feature cache: %s", " → ".join(t.name for t in tiers) or "off")
     return FeatureCache(fingerprint, tiers)

@@ -46,7 +46,6 @@ SETTINGS: tuple[tuple[str, type, Any, str], ...] = (
     ("REDIS_URL", str, "", "Redis for shared state and the RQ queue; empty = embedded"),
     ("FEATURE_CACHE_MB", int, 256, "in-process LRU of image features (proposals + CLIP embeddings by image content hash + model fingerprint), MB; 0 = off"),
     ("FEATURE_CACHE_REDIS_MB", int, 2048, "with REDIS_URL: feature cache shared through Redis, capped at this many MB by its own LRU; 0 = off"),
-    ("FEATURE_CACHE_DISK_MB", int, 0, "without REDIS_URL: feature cache files under MODEL_DIR/feature-cache, MB (LRU); 0 = off"),
     ("FEATURE_CACHE_TTL_DAYS", float, 30.0, "feature cache entries unused this long expire (Redis, disk)"),
     ("PREANNOTATE_CHUNK", int, 16, "tasks per bulk job of `python -m backend preannotate`, run by `rq worker --url $REDIS_URL --worker-class rq.worker.SimpleWorker clip-ls` on any machines"),
     ("PREANNOTATE_JOB_TIMEOUT", int, 900, "seconds one bulk chunk may run; RQ re-queues the chunk of a dead worker this + 60 s after it started"),

@@ -2,7 +2,6 @@
 backend predicting through it (same image in another task or project is not recomputed; cold == warm)."""
 from __future__ import annotations
 
-import doctest
 import logging
 import time
 
@@ -10,8 +9,8 @@ import pytest
 import torch
 
 from backend import cache as cache_module
-from backend.cache import (DiskTier, FeatureCache, MemoryTier, RedisTier, Tier, build_feature_cache, decode_part,
-                           encode_part, image_digest)
+from backend.cache import (FeatureCache, MemoryTier, RedisTier, Tier, build_feature_cache, decode_part, encode_part,
+                           has_parts, image_digest)
 from backend.config import Settings
 from backend.labeling.pipeline import ImageFeatures
 from backend.labeling.proposals import Proposals
@@ -25,6 +24,12 @@ def features(n: int = 3, dim: int = 8, seed: int = 0, whole: bool = True, region
         Proposals(boxes, torch.rand(n, generator=g)) if regions else None,
         torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=-1) if regions else None,
         torch.nn.functional.normalize(torch.randn(dim, generator=g), dim=-1) if whole else None)
+
+
+def lookup(cache: FeatureCache, digest: str, regions: bool, whole: bool) -> ImageFeatures | None:
+    """What a prediction gets: the features only when every asked part is cached."""
+    found = cache.lookup_parts(digest, regions, whole)
+    return found if has_parts(found, regions, whole) else None
 
 
 def assert_close(a: ImageFeatures, b: ImageFeatures, atol=2e-3):
@@ -79,27 +84,6 @@ def test_memory_tier_is_an_lru_bounded_by_bytes():
     assert tier.get("huge") is None and len(tier) == 3
 
 
-def test_disk_tier_survives_a_restart_and_stays_under_its_cap(tmp_path):
-    tier = DiskTier(tmp_path, max_bytes=1000, ttl_s=3600)
-    tier.put("k0", b"0" * 300)
-    assert DiskTier(tmp_path, 1000, 3600).get("k0") == b"0" * 300   # another process / a restart
-    for i in range(1, 8):
-        tier.put(f"k{i}", bytes([i]) * 300)
-        time.sleep(0.01)
-    sizes = sum(p.stat().st_size for p in tmp_path.glob("*/*.bin"))
-    assert sizes <= 1000
-    assert tier.get("k7") == bytes([7]) * 300   # the newest is kept
-    assert tier.get("k1") is None               # the oldest went first
-    assert not list(tmp_path.glob("*/*.tmp"))
-
-
-def test_disk_tier_entries_expire(tmp_path):
-    tier = DiskTier(tmp_path, max_bytes=1000, ttl_s=0.05)
-    tier.put("k", b"v")
-    time.sleep(0.1)
-    assert tier.get("k") is None and not list(tmp_path.glob("*/*.bin"))
-
-
 @pytest.fixture
 def redis_tier(redis_url):
     import redis
@@ -147,34 +131,33 @@ def test_hits_misses_and_invalidation_when_the_models_change():
     memory = MemoryTier(1 << 20)
     cache = FeatureCache("fingerprint-1", [memory])
     key = image_digest(b"image")
-    assert cache.lookup(key, True, True) is None
+    assert lookup(cache, key, True, True) is None
     stored = cache.store(key, features())
-    assert_close(features(), cache.lookup(key, True, True))
-    assert_close(stored, cache.lookup(key, True, True), atol=0)   # what store returned is what hits return
+    assert_close(features(), lookup(cache, key, True, True))
+    assert_close(stored, lookup(cache, key, True, True), atol=0)   # what store returned is what hits return
     assert (cache.stats.hits, cache.stats.misses) == (1 + 1, 1)
     new_models = FeatureCache("fingerprint-2", [memory])          # another model version: nothing reused
-    assert new_models.lookup(key, True, True) is None
-    assert FeatureCache("fingerprint-1", [memory]).lookup(image_digest(b"other image"), True, False) is None
+    assert lookup(new_models, key, True, True) is None
+    assert lookup(FeatureCache("fingerprint-1", [memory]), image_digest(b"other image"), True, False) is None
 
 
 def test_parts_are_cached_separately():
     cache = FeatureCache("m", [MemoryTier(1 << 20)])
     key = image_digest(b"image")
     cache.store(key, features(whole=False))
-    assert cache.lookup(key, regions=True, whole=False) is not None
-    assert cache.lookup(key, regions=True, whole=True) is None       # the whole-image part is still missing
+    assert lookup(cache, key, regions=True, whole=False) is not None
+    assert lookup(cache, key, regions=True, whole=True) is None       # the whole-image part is still missing
     partial = cache.lookup_parts(key, regions=True, whole=True)
     assert partial.region_embeddings is not None and partial.image_embedding is None
     cache.store(key, features(regions=False))
-    assert cache.lookup(key, regions=True, whole=True) is not None
+    assert lookup(cache, key, regions=True, whole=True) is not None
 
 
-def test_a_hit_in_a_slower_tier_is_copied_into_memory(tmp_path):
-    disk = DiskTier(tmp_path, 1 << 20, 3600)
-    FeatureCache("m", [disk]).store("d", features())
+def test_a_hit_in_a_slower_tier_is_copied_into_memory(redis_tier):
+    FeatureCache("m", [redis_tier]).store("d", features())
     memory = MemoryTier(1 << 20)
-    cache = FeatureCache("m", [memory, disk])
-    assert cache.lookup("d", True, True) is not None
+    cache = FeatureCache("m", [memory, redis_tier])
+    assert lookup(cache, "d", True, True) is not None
     assert len(memory) == 2   # both parts promoted
 
 
@@ -195,9 +178,9 @@ def test_a_failing_tier_is_a_miss_and_is_skipped_for_a_while(caplog):
     broken = Broken()
     cache = FeatureCache("m", [broken])
     with caplog.at_level(logging.WARNING):
-        assert cache.lookup("d", True, True) is None
+        assert lookup(cache, "d", True, True) is None
         cache.store("d", features())                 # no exception
-        assert cache.lookup("d", True, True) is None
+        assert lookup(cache, "d", True, True) is None
     assert broken.calls == 1 and cache.stats.errors == 1
     assert "redis is down" in caplog.text
 
@@ -209,7 +192,7 @@ def test_corrupt_entries_are_misses(caplog):
     for key in list(memory._items):
         memory.put(key, b"garbage")
     with caplog.at_level(logging.WARNING):
-        assert cache.lookup("d", True, True) is None
+        assert lookup(cache, "d", True, True) is None
     assert "unreadable entry" in caplog.text
 
 
@@ -219,13 +202,10 @@ def test_the_settings_pick_the_tiers(tmp_path, redis_url):
         return [t.name for t in build_feature_cache(settings, "m").tiers]
 
     assert tiers() == ["memory"]
-    assert tiers(FEATURE_CACHE_DISK_MB="10") == ["memory", "disk"]
-    assert tiers(REDIS_URL=redis_url, FEATURE_CACHE_DISK_MB="10") == ["memory", "redis"]
+    assert tiers(REDIS_URL=redis_url) == ["memory", "redis"]
     assert tiers(FEATURE_CACHE_MB="0") == []
 
 
-def test_the_module_examples_run():
-    assert doctest.testmod(cache_module).failed == 0
 
 
 # ---------------------------------------------------------------- through the backend (tiny models)

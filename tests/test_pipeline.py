@@ -12,6 +12,7 @@ import torch
 from backend.demo.scoring import scene_tensor, score_scenes
 from backend.demo.shapes import KNOWN_SHAPES, NOVEL_SHAPES, SHAPES, scenes
 from backend.labeling.factory import build_labeler, tiny_spec
+from backend.labeling.pipeline import Labeler
 from backend.labeling.prompts import LabelSet
 from backend.labeling.proposals import ProposalSettings, Proposer
 
@@ -30,8 +31,9 @@ def known_scenes():
 
 
 def with_threshold(labeler, threshold):
-    labeler.proposer = Proposer(labeler.proposer.model, ProposalSettings(score_threshold=threshold))
-    return labeler
+    """A labeler like the module's, at another proposal threshold (the shared fixture is never changed)."""
+    return Labeler(labeler.clip, Proposer(labeler.proposer.model, ProposalSettings(score_threshold=threshold)),
+                   labeler.crops)
 
 
 def test_recall_precision_and_labels_on_held_out_scenes(labeler, known_scenes):
@@ -46,7 +48,7 @@ def test_recall_precision_and_labels_on_held_out_scenes(labeler, known_scenes):
 
 def test_background_prompt_removes_false_proposals(labeler, known_scenes):
     """At a low proposal threshold many proposals are distractor blobs and background: CLIP must drop them."""
-    with_threshold(labeler, 0.05)
+    labeler = with_threshold(labeler, 0.05)
     on = score_scenes(labeler, known_scenes, KNOWN)
     off = score_scenes(labeler, known_scenes, replace(KNOWN, background=()))
     print(f"\nthr 0.05: bg on P {on.precision:.3f} R {on.recall:.3f}; off P {off.precision:.3f} R {off.recall:.3f}")
@@ -58,7 +60,7 @@ def test_background_prompt_removes_false_proposals(labeler, known_scenes):
 def test_novel_classes_are_measurably_worse_zero_shot(labeler):
     mixed = list(scenes(HELD_OUT + 1, 60))
     every = LabelSet.build(SHAPES)
-    with_threshold(labeler, 0.7)
+    labeler = with_threshold(labeler, 0.7)
     novel = score_scenes(labeler, mixed, every, ignore_labels=KNOWN_SHAPES)
     known = score_scenes(labeler, mixed, every, ignore_labels=NOVEL_SHAPES)
     print(f"\nlabel accuracy: known {known.label_accuracy:.3f} novel {novel.label_accuracy:.3f}; "

@@ -1,7 +1,6 @@
 """Pipeline output → Label Studio predictions (checked with label-studio-sdk's validator), and boxes back."""
 from __future__ import annotations
 
-import doctest
 import json
 
 import numpy as np
@@ -11,7 +10,6 @@ from label_studio_sdk.label_interface import LabelInterface
 
 from backend.labeling.detections import Choice, Detections, ImageLabels
 from backend.studio.label_config import parse_label_config
-from backend.studio import results
 from backend.studio.results import DrawnBox, LabeledBox, context_regions, prediction_for_task, regions_from_results
 
 CONFIG = """
@@ -206,7 +204,3 @@ def test_odd_contexts_give_no_boxes(context):
 def test_the_original_size_is_absent_when_not_sent():
     (box,) = context_regions({"result": [annotation(BEE, original_width=None)]})
     assert box.original_size is None and box.percent == (10, 20, 50, 30)
-
-
-def test_the_module_examples_run():
-    assert doctest.testmod(results).failed == 0

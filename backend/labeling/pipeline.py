@@ -5,9 +5,6 @@ costs a matrix product against its cached text embeddings.
 """
 from __future__ import annotations
 
-import time
-from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -35,21 +32,6 @@ class ImageFeatures:
     image_embedding: torch.Tensor | None = None    # (D,), when whole-image choices were asked for
 
 
-class StageTimes:
-    """Seconds spent per pipeline stage, summed over calls (for benchmarks and logs)."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, stage: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] += time.perf_counter() - start
-
-
 def needed_features(heads: Mapping[str, LabelSet]) -> tuple[bool, bool]:
     """(regions, whole): the features these heads name from."""
     kinds = {labelset.kind for labelset in heads.values()}
@@ -63,7 +45,6 @@ class Labeler:
         self.proposer = proposer
         self.crops = crops
         self.adjust_logits = adjust_logits
-        self.times = StageTimes()
 
     def label(self, images: Sequence[torch.Tensor], heads: Mapping[str, LabelSet]) -> list[ImageLabels]:
         """Label (3, H, W) uint8 upright images with every head."""
@@ -98,8 +79,7 @@ class Labeler:
         return Detections(boxes.numpy(), score.numpy(), tuple(labelset.labels[i] for i in best.tolist()))
 
     def propose(self, image: torch.Tensor) -> Proposals:
-        with self.times("detector"):
-            return self.proposer(image)
+        return self.proposer(image)
 
     def embed_boxes(self, images: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor],
                     settings: CropSettings) -> list[torch.Tensor]:
@@ -107,11 +87,9 @@ class Labeler:
         if not boxes:
             return []
         spec = self.clip.pixels
-        with self.times("crops"):
-            crops = [cut_crops(image, crop_regions(b, settings), spec.size, spec.mean, spec.std)
-                     for image, b in zip(images, boxes)]
-        with self.times("clip"):
-            embeddings = self.clip.embed_pixels(torch.cat(crops))
+        crops = [cut_crops(image, crop_regions(b, settings), spec.size, spec.mean, spec.std)
+                 for image, b in zip(images, boxes)]
+        embeddings = self.clip.embed_pixels(torch.cat(crops))
         return list(embeddings.split([len(b) for b in boxes]))
 
     def embed_whole(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
