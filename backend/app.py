@@ -10,7 +10,7 @@ import hmac
 import logging
 import time
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .config import Settings
@@ -93,10 +93,6 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
         body = _json_object()
         event = _field(body, "action", str)
         return jsonify(backend.fit(event, body)), 201
-
-    @app.get("/versions")
-    def versions():
-        return jsonify(versions=backend.versions() if hasattr(backend, "versions") else [])
 
     @app.errorhandler(BadRequest)
     @app.errorhandler(LabelConfigError)

@@ -224,11 +224,6 @@ def test_webhook_acknowledges_every_event_within_a_second(client, event):
     assert client.post("/webhook", data=b"{", content_type="application/json").status_code == 400
 
 
-def test_versions_route(client):
-    response = client.get("/versions")
-    assert response.status_code == 200 and isinstance(response.get_json()["versions"], list)
-
-
 def test_basic_auth_guards_every_route_but_health(backend):
     client = make_client(backend, BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="s3cret")
     try:

@@ -14,7 +14,6 @@ import threading
 import time
 import zlib
 from http.server import ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st

@@ -19,17 +19,13 @@ class Detections:
     boxes: np.ndarray                       # (N, 4) float32 x0, y0, x1, y1
     scores: np.ndarray                      # (N,) float32 confidence in the label (CLIP probability)
     labels: tuple[str, ...]                 # N label names
-    proposal_scores: np.ndarray = field(default=None)  # (N,) detector objectness, when a detector made the box
 
     def __post_init__(self):
         object.__setattr__(self, "boxes", np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4))
         object.__setattr__(self, "scores", np.asarray(self.scores, dtype=np.float32).reshape(-1))
         object.__setattr__(self, "labels", tuple(self.labels))
-        if self.proposal_scores is None:
-            object.__setattr__(self, "proposal_scores", np.ones(len(self.boxes), dtype=np.float32))
-        object.__setattr__(self, "proposal_scores", np.asarray(self.proposal_scores, dtype=np.float32))
-        if not len(self.boxes) == len(self.scores) == len(self.labels) == len(self.proposal_scores):
-            raise ValueError("boxes, scores, labels and proposal_scores must have the same length")
+        if not len(self.boxes) == len(self.scores) == len(self.labels):
+            raise ValueError("boxes, scores and labels must have the same length")
 
     @classmethod
     def empty(cls) -> "Detections":
@@ -41,8 +37,7 @@ class Detections:
     def __getitem__(self, index) -> "Detections":
         """Select by boolean mask, index array or slice."""
         index = np.arange(len(self))[index]
-        return Detections(self.boxes[index], self.scores[index], tuple(self.labels[i] for i in index),
-                          self.proposal_scores[index])
+        return Detections(self.boxes[index], self.scores[index], tuple(self.labels[i] for i in index))
 
 
 @dataclass(frozen=True)

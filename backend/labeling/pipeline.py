@@ -105,7 +105,7 @@ class Labeler:
         score, best = probs.max(-1)
         keep = (best < len(labelset.labels)) & (score >= labelset.threshold)
         return Detections(proposals.boxes[keep].numpy(), score[keep].numpy(),
-                          tuple(labelset.labels[i] for i in best[keep].tolist()), proposals.scores[keep].numpy())
+                          tuple(labelset.labels[i] for i in best[keep].tolist()))
 
     def choose(self, head: str, embedding: torch.Tensor, labelset: LabelSet) -> tuple[Choice, ...]:
         """Whole-image labels above threshold, best first.

@@ -1,8 +1,8 @@
 """Label sets: the names to predict, the text prompts CLIP compares crops with, and the background prompts.
 
->>> s = LabelSet.build(["Bee", "traffic_light"], prompts={"Bee": ["a photo of a bee in flight."]})
+>>> s = LabelSet.build(["Bee", "traffic_light"], templates=("a photo of a {}.", "a close-up of a {}."))
 >>> s.prompts
-(('a photo of a bee in flight.',), ('a photo of a traffic light.',))
+(('a photo of a Bee.', 'a close-up of a Bee.'), ('a photo of a traffic light.', 'a close-up of a traffic light.'))
 >>> s.background
 ('mostly background',)
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Literal, Sequence
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 DEFAULT_BACKGROUND = ("mostly background",)
@@ -51,15 +51,12 @@ class LabelSet:
             raise ValueError(f"duplicate labels in {self.labels}")
 
     @classmethod
-    def build(cls, labels: Sequence[str], prompts: Mapping[str, Sequence[str]] | None = None,
-              templates: Sequence[str] | str = DEFAULT_TEMPLATE,
+    def build(cls, labels: Sequence[str], templates: Sequence[str] | str = DEFAULT_TEMPLATE,
               background: Sequence[str] | str | None = DEFAULT_BACKGROUND, **options) -> "LabelSet":
-        """Prompts per label: the explicit ones given, else every template filled with the label's name."""
+        """Prompts per label: every template filled with the label's name."""
         templates = (templates,) if isinstance(templates, str) else tuple(templates)
         background = (background,) if isinstance(background, str) else tuple(background or ())
-        prompts = prompts or {}
-        per_label = tuple(tuple(prompts.get(label) or (t.format(label_text(label)) for t in templates))
-                          for label in labels)
+        per_label = tuple(tuple(t.format(label_text(label)) for t in templates) for label in labels)
         return cls(tuple(labels), per_label, background, **options)
 
     @property
