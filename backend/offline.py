@@ -94,7 +94,7 @@ def find_images(paths: Sequence[str]) -> list[Path]:
 def project_config(args, settings: Settings) -> ProjectConfig:
     """The controls to fill: those of ``--config``, or one RectangleLabels named ``label`` over ``--labels``."""
     if args.config:
-        config = parse_label_config(Path(args.config).read_text(encoding="utf-8"))
+        config = parse_label_config(Path(args.config).read_text(encoding="utf-8"), settings.prompt_defaults)
         for problem in config.problems:
             log.warning("label config: %s", problem)
         return config

@@ -151,3 +151,21 @@ def _match(truth: COCO, truth_dir: Path, predictions: dict, predictions_dir: Pat
 def _xyxy(boxes) -> torch.Tensor:
     b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     return torch.cat([b[:, :2], b[:, :2] + b[:, 2:]], 1)
+
+
+@pytest.mark.parametrize("source", ["config", "labels"])
+def test_label_applies_the_prompt_settings_like_the_server(source, tmp_path):
+    """PROMPT_TEMPLATE / BACKGROUND_PROMPTS shape `label --config` exactly as they shape the server's configs."""
+    from argparse import Namespace
+
+    from backend.config import Settings
+    from backend.offline import project_config
+
+    config_file = tmp_path / "config.xml"
+    config_file.write_text('<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">'
+                           '<Label value="star"/></RectangleLabels></View>')
+    settings = Settings.from_env({"PROMPT_TEMPLATE": "a drawing of a {}.", "BACKGROUND_PROMPTS": "empty paper"})
+    args = Namespace(config=str(config_file) if source == "config" else None, labels="star")
+    (control,) = project_config(args, settings).controls
+    assert control.labelset.prompts == (("a drawing of a star.",),)
+    assert control.labelset.background == ("empty paper",)

@@ -538,7 +538,7 @@ def guarded():
 
 
 @pytest.mark.parametrize("method, route", [("get", "/"), ("post", "/setup"), ("post", "/predict"),
-                                           ("post", "/webhook"), ("get", "/versions"), ("get", "/train"),
+                                           ("post", "/webhook"), ("get", "/train"),
                                            ("get", "/nonexistent")])
 def test_basic_auth_guards_every_route_but_health(guarded, method, route):
     body = {"schema": CONFIG, "tasks": [{"id": 1, "data": {}}], "label_config": CONFIG, "action": "X"}
