@@ -1,4 +1,4 @@
-"""Command line: serve | label | eval | demo-data | train-tiny | preannotate | settings. `--demo` = the bundled tiny models."""
+"""Command line: serve | label | eval | demo-data | train-tiny | preannotate | report | settings. `--demo` = the bundled tiny models."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     from .preannotate import add_arguments
     add_arguments(pre)
 
+    report = sub.add_parser("report", help="what annotators did with the predictions of a Label Studio project "
+                                           "(reads LABEL_STUDIO_URL with LABEL_STUDIO_API_KEY; changes nothing)")
+    report.add_argument("--project", type=int, required=True, help="the Label Studio project id")
+    report.add_argument("--format", choices=("text", "json", "html"), default="text")
+    report.add_argument("--out", help="output file; default: stdout")
+
     sub.add_parser("settings", help="print every setting as a Markdown table")
     return parser
 
@@ -81,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "preannotate":
             from .preannotate import preannotate_command
             return preannotate_command(args)
+        if args.command == "report":
+            from .reporting import report_command
+            return report_command(args)
         if args.command == "settings":
             from .config import settings_table
             print(settings_table())

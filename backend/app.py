@@ -94,6 +94,25 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
         event = _field(body, "action", str)
         return jsonify(backend.fit(event, body)), 201
 
+    @app.get("/report/<int:project>")
+    def report(project: int):
+        """What annotators did with this project's predictions (read from Label Studio; changes nothing)."""
+        from .reporting import LabelStudioAPIError, ReportUnavailable, make_report
+        from .studio.report import render
+
+        fmt = request.args.get("format", "html")
+        if fmt not in ("html", "json", "text"):
+            raise BadRequest("'format' must be html, json or text")
+        try:
+            made = make_report(settings, project, backend.learning.store)
+        except ReportUnavailable as error:
+            return jsonify(error=str(error)), 409
+        except LabelStudioAPIError as error:
+            return jsonify(error=f"Label Studio: {error}"), 502
+        if fmt == "json":
+            return jsonify(made.to_dict())
+        return render(made, fmt), 200, {"Content-Type": f"text/{'html' if fmt == 'html' else 'plain'}; charset=utf-8"}
+
     @app.errorhandler(BadRequest)
     @app.errorhandler(LabelConfigError)
     def bad_request(error):

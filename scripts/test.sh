@@ -11,7 +11,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$REPO_ROOT"
 
-bash scripts/setup.sh >/dev/null   # progress goes to stderr; VENV/LS_VENV come from env.sh
+bash scripts/setup.sh --with-chromium >/dev/null   # progress to stderr; VENV/LS_VENV from env.sh; chromium: report page test
 export LS_VENV CLIP_LS_CACHE       # the end-to-end tests start Label Studio from $LS_VENV
 
 if (( $# == 0 )); then set -- -q; fi

@@ -43,3 +43,13 @@ def test_every_region_is_accounted_for_exactly_once(predicted, annotated):
     assert paired == list(range(len(annotated)))
     assert all(m.action in ACTIONS for m in matches)
     assert all((m.annotated is None) == (m.action == "deleted") for m in matches if m.predicted is not None)
+
+
+def test_suggested_thresholds_maximise_f1():
+    from backend.studio.report import RegionCounts
+
+    mixed = RegionCounts(scored=[(0.9, True), (0.8, True), (0.5, False), (0.3, True), (0.2, False)])
+    assert mixed.suggested_threshold() == 0.3          # keeps 3 right, 1 wrong: F1 6/7, the best
+    wrong = RegionCounts(scored=[(0.4, False), (0.6, False)])
+    assert wrong.suggested_threshold() == 0.601        # every one was deleted: above them all
+    assert RegionCounts().suggested_threshold() is None
