@@ -7,7 +7,9 @@
 #   docker build -t clip-ls-backend:gpu --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
 #
 # (pick the CUDA index that matches your driver; see docker-compose.yml for giving the container the GPU).
-# No weights are baked in: mount them at /models (see MODEL_DIR, HF_HOME, TORCH_HOME below).
+# Weights: downloaded on first start into /models (MODEL_DIR, HF_HOME, TORCH_HOME below; a volume), or baked in:
+#
+#   docker build -t clip-ls-backend --build-arg PRELOAD_MODELS=1 .      # (PROFILE=cpu: --build-arg PROFILE=cpu)
 ARG BASE_IMAGE=python:3.11-slim
 FROM ${BASE_IMAGE}
 
@@ -41,8 +43,14 @@ RUN useradd --uid 1001 --create-home --shell /usr/sbin/nologin app \
  && chown app /models
 USER app
 
+# Optionally bake the default weights into the image (a fresh named volume mounted at /models gets a copy).
+ARG PRELOAD_MODELS=0
+ARG PROFILE=default
+RUN if [ "$PRELOAD_MODELS" = "1" ]; then PROFILE="$PROFILE" python -m backend download; fi
+
 EXPOSE 9090
-HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
+# The first start may download the weights (~0.9 GB) before /health answers.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=900s \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/health', timeout=4)"
 
 # One process, models loaded once before forking (--preload), requests on threads, no request timeout

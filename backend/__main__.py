@@ -1,4 +1,4 @@
-"""Command line: serve | label | eval | demo-data | train-tiny | preannotate | report | settings. `--demo` = the bundled tiny models."""
+"""Command line: serve | download | label | eval | demo-data | train-tiny | preannotate | report | settings. `--demo` = the bundled tiny models."""
 from __future__ import annotations
 
 import argparse
@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--format", choices=("text", "json", "html"), default="text")
     report.add_argument("--out", help="output file; default: stdout")
 
+    download = sub.add_parser("download", help="download the models the settings name into the standard caches "
+                                               "(HF_HOME, TORCH_HOME), then exit")
+    download.add_argument("--clip", help="CLIP hub id (owner/name[@revision]); default: CLIP_MODEL")
+    download.add_argument("--detector", help="detector name; default: DETECTOR (or the profile's)")
+    download.add_argument("--profile", choices=("default", "cpu"), help="default: PROFILE")
+
     sub.add_parser("settings", help="print every setting as a Markdown table")
     return parser
 
@@ -90,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from .reporting import report_command
             return report_command(args)
+        if args.command == "download":
+            return _download(args)
         if args.command == "settings":
             from .config import settings_table
             print(settings_table())
@@ -98,6 +106,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 1
+
+
+def _download(args) -> int:
+    """Fetch what the settings (and the flags over them) name; print where each landed."""
+    import os
+
+    from .config import Settings
+    from .labeling.detectors import weights_file
+    from .labeling.download import fetch_clip
+
+    overrides = {k: v for k, v in (("CLIP_MODEL", args.clip), ("DETECTOR", args.detector),
+                                   ("PROFILE", args.profile)) if v}
+    spec = Settings.from_env({**os.environ, **overrides}).model_spec()
+    print(f"CLIP {spec.clip_model}: {fetch_clip(spec.clip_model, offline=spec.offline)}")
+    path = weights_file(spec.detector, spec.detector_weights, offline=spec.offline, url=spec.detector_url)
+    print(f"detector {spec.detector}: {path}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -15,9 +15,11 @@ from .labeling.proposals import ProposalSettings
 
 # (name, type, default, help). Defaults reproduce the method's recipe; `--demo` swaps in the tiny models.
 SETTINGS: tuple[tuple[str, type, Any, str], ...] = (
-    ("CLIP_MODEL", str, "openai/clip-vit-base-patch32", "CLIP checkpoint: hub id (from the local cache) or a directory"),
+    ("CLIP_MODEL", str, "openai/clip-vit-base-patch32", "CLIP checkpoint: a hub id (`owner/name`, optionally `@revision`; downloaded into HF_HOME's cache on first use) or a directory"),
     ("DETECTOR", str, "fasterrcnn_resnet50_fpn_v2", "proposal detector: fasterrcnn_resnet50_fpn_v2, fasterrcnn_resnet50_fpn, fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_mobilenet_v3_large_320_fpn, tiny_shapes"),
-    ("DETECTOR_WEIGHTS", str, "", "detector state-dict file; empty = torchvision's COCO file in the torch hub cache"),
+    ("DETECTOR_WEIGHTS", str, "", "detector state-dict file; empty = torchvision's COCO file in the torch hub cache (TORCH_HOME; downloaded on first use)"),
+    ("DETECTOR_WEIGHTS_URL", str, "", "where to download torchvision's COCO file from (a mirror); empty = torchvision's URL; the file's hash is checked"),
+    ("OFFLINE", bool, False, "never touch the network: models must be in the caches already (`HF_HUB_OFFLINE=1` does the same)"),
     ("PROFILE", str, "default", "`default` (R50-FPN v2) or `cpu` (MobileNetV3-FPN detector: ~10x faster on a CPU, see README)"),
     ("DEVICE", str, "auto", "`auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`"),
     ("TORCH_THREADS", int, 0, "torch CPU threads; 0 = torch's default (all cores)"),
@@ -82,6 +84,8 @@ class Settings:
                 values[name] = _parse(kind, raw) if raw.strip() else default
             except ValueError:
                 raise ValueError(f"setting {name}={raw!r} is not a valid {kind.__name__}") from None
+        if _parse(bool, environ.get("HF_HUB_OFFLINE", "")):   # the hub's own switch means the same here
+            values["OFFLINE"] = True
         if values["PROFILE"] == "cpu" and not environ.get("DETECTOR"):
             values.update(CPU_PROFILE)
         elif values["PROFILE"] not in ("default", "cpu"):
@@ -96,11 +100,12 @@ class Settings:
         proposals = ProposalSettings(mode=v["PROPOSAL_MODE"], score_threshold=v["PROPOSAL_THRESHOLD"],
                                      nms_iou=v["PROPOSAL_NMS_IOU"], min_box_size=v["PROPOSAL_MIN_SIZE"],
                                      max_proposals=v["MAX_PROPOSALS"], input_size=v["DETECTOR_INPUT_SIZE"] or None)
-        common = dict(device=v["DEVICE"], clip_batch_size=v["CLIP_BATCH_SIZE"], proposals=proposals)
+        common = dict(device=v["DEVICE"], clip_batch_size=v["CLIP_BATCH_SIZE"], proposals=proposals,
+                      offline=v["OFFLINE"])
         if self.demo:
             return tiny_spec(**common)
         return ModelSpec(clip_model=v["CLIP_MODEL"], detector=v["DETECTOR"],
-                         detector_weights=v["DETECTOR_WEIGHTS"] or None,
+                         detector_weights=v["DETECTOR_WEIGHTS"] or None, detector_url=v["DETECTOR_WEIGHTS_URL"] or None,
                          crops=CropSettings(v["CROP_CONTEXT"], v["CROP_SQUARE"], v["CROP_MIN_SIZE"]), **common)
 
     @property

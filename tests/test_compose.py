@@ -85,7 +85,11 @@ def test_backend(services):
 def test_worker(services):
     worker, backend = services["worker"], services["backend"]
     assert worker["image"] == backend["image"]
-    command = _command(worker)
+    shell = _command(worker)
+    assert shell[:2] == ["sh", "-c"]
+    download, worker_command = shell[2].split(" && exec ")
+    assert download == "python -m backend download"   # the weights first (a lock makes one download wait)
+    command = shlex.split(worker_command)
     assert command[:2] == ["rq", "worker"]
     assert command[-1] == QUEUE
     assert command[command.index("--url") + 1] == "redis://redis:6379/0"
@@ -106,3 +110,9 @@ def test_backend_environment(services, service):
     assert env["MODEL_DIR"] == "/models"
     # Secrets come from the caller's environment, never from the file.
     assert env["LABEL_STUDIO_API_KEY"].startswith("${LABEL_STUDIO_API_KEY")
+
+
+def test_the_image_can_bake_the_weights_in():
+    dockerfile = (Path(__file__).resolve().parent.parent / "Dockerfile").read_text()
+    assert "ARG PRELOAD_MODELS=0" in dockerfile
+    assert 'if [ "$PRELOAD_MODELS" = "1" ]; then PROFILE="$PROFILE" python -m backend download; fi' in dockerfile

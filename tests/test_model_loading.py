@@ -38,7 +38,7 @@ def test_missing_clip_names_the_model_the_setting_and_the_way_out(tmp_path, monk
         Clip.load("openai/clip-vit-base-patch32")
     message = str(error.value)
     assert "openai/clip-vit-base-patch32" in message and "CLIP_MODEL" in message
-    assert "hf download" in message and "--demo" in message
+    assert "python -m backend download" in message and "OFFLINE" in message and "--demo" in message
 
 
 def test_missing_detector_weights_name_the_file_and_the_setting(tmp_path, monkeypatch):

@@ -5,7 +5,6 @@ a directory). Nothing is downloaded at run time.
 """
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoProcessor, CLIPModel
 from transformers.utils import logging as hf_logging
 
+from .download import fetch_clip
 from .errors import ModelUnavailable
 from .prompts import LabelSet
 
@@ -53,20 +53,19 @@ class Clip:
         self._text_lock = threading.Lock()
 
     @classmethod
-    def load(cls, name_or_path: str, device: str = "auto", batch_size: int = 32) -> "Clip":
-        """Load from a local directory or the local hub cache; one clear error when it is not there."""
-        local = os.path.isdir(name_or_path)
+    def load(cls, name_or_path: str, device: str = "auto", batch_size: int = 32, offline: bool = True) -> "Clip":
+        """Load a local directory, or a hub id from the hub cache (downloaded there first unless ``offline``)."""
+        path = fetch_clip(name_or_path, offline)
         hf_logging.disable_progress_bar()  # a bar per load is noise in a server log
         try:
-            model = CLIPModel.from_pretrained(name_or_path, local_files_only=True)
-            processor = AutoProcessor.from_pretrained(name_or_path, local_files_only=True)
+            model = CLIPModel.from_pretrained(path, local_files_only=True)
+            processor = AutoProcessor.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as error:
-            where = f"directory {name_or_path}" if local else f"'{name_or_path}' in the Hugging Face cache"
             raise ModelUnavailable(
-                f"CLIP model not found: {where} ({type(error).__name__}). This backend never downloads at run "
-                f"time. Set CLIP_MODEL to a local directory with a transformers CLIP checkpoint, or pre-download "
-                f"it on a machine with internet: `hf download {name_or_path}` (then copy ~/.cache/huggingface, "
-                f"or set HF_HOME). To try the backend without any download, use --demo.") from None
+                f"CLIP model {name_or_path} could not be loaded from {path} ({type(error).__name__}: {error}): "
+                f"point CLIP_MODEL at a directory with a transformers CLIP checkpoint or a hub id (`python -m "
+                f"backend download --clip ID` fetches one). To try the backend without any download, use "
+                f"--demo.") from None
         return cls(model, processor, pick_device(device), batch_size, name=name_or_path)
 
     @property

@@ -1,9 +1,9 @@
 """Faster R-CNN builders, as data: a name → how to build the architecture and where its weights live.
 
 Real detectors are torchvision's, with their COCO weights from a local file (``DETECTOR_WEIGHTS``) or the
-torch hub cache; ``tiny_shapes`` is the small class-agnostic detector trained on the shapes world and bundled
-for tests and demos. Nothing here downloads: missing weights raise ``ModelUnavailable`` with one message
-saying what is missing and how to provide it.
+torch hub cache, downloaded there once when missing (``download.py``; never with ``offline``);
+``tiny_shapes`` is the small class-agnostic detector trained on the shapes world and bundled for tests and
+demos. Missing weights raise ``ModelUnavailable`` with one message saying what is missing and how to provide it.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.rpn import AnchorGenerator
 from torchvision.ops import MultiScaleRoIAlign
 
+from .download import fetch_detector_file
 from .errors import ModelUnavailable
 
 
@@ -68,8 +69,10 @@ DETECTORS: dict[str, DetectorSpec] = {
 }
 
 
-def weights_file(name: str, weights: str | os.PathLike | None) -> Path:
-    """Where the state dict for ``name`` is: the given file, else torchvision's hub-cache file."""
+def weights_file(name: str, weights: str | os.PathLike | None, *, offline: bool = True,
+                 url: str | None = None) -> Path:
+    """Where the state dict for ``name`` is: the given file, else torchvision's hub-cache file (downloaded from
+    ``url``, default torchvision's, unless ``offline``)."""
     if name not in DETECTORS:
         raise ModelUnavailable(f"unknown DETECTOR {name!r}; choose one of {', '.join(DETECTORS)}")
     if weights:
@@ -81,22 +84,20 @@ def weights_file(name: str, weights: str | os.PathLike | None) -> Path:
     enum = DETECTORS[name].coco_weights
     if enum is None:
         raise ModelUnavailable(f"DETECTOR {name!r} has no published weights: set DETECTOR_WEIGHTS to its file")
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
-    if not cached.is_file():
-        raise ModelUnavailable(
-            f"detector weights for {name} not found at {cached}. This backend never downloads at run time. "
-            f"On a machine with internet: `curl -L -o {Path(enum.url).name} {enum.url}`, then copy the file "
-            f"to {cached.parent}/ (or set TORCH_HOME) or set DETECTOR_WEIGHTS=/path/to/{Path(enum.url).name}. "
-            f"To try the backend without any download, use --demo.")
-    return cached
+    if url and Path(url.split("?", 1)[0]).name != Path(enum.url).name:
+        raise ModelUnavailable(f"DETECTOR_WEIGHTS_URL must name torchvision's file {Path(enum.url).name} (its "
+                               f"hash is checked), got {url}")
+    return fetch_detector_file(url or enum.url, offline)
 
 
-def load_detector(name: str, weights: str | os.PathLike | None = None, *, random_init: bool = False) -> nn.Module:
+def load_detector(name: str, weights: str | os.PathLike | None = None, *, random_init: bool = False,
+                  offline: bool = True, url: str | None = None) -> nn.Module:
     """Build ``name`` and load its weights (``random_init`` skips them: for speed benchmarks only)."""
     if name not in DETECTORS:
         raise ModelUnavailable(f"unknown DETECTOR {name!r}; choose one of {', '.join(DETECTORS)}")
     model = DETECTORS[name].build()
     if not random_init:
-        state = torch.load(weights_file(name, weights), map_location="cpu", weights_only=True)
+        state = torch.load(weights_file(name, weights, offline=offline, url=url), map_location="cpu",
+                           weights_only=True)
         model.load_state_dict(state)
     return model.eval()

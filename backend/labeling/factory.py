@@ -26,12 +26,15 @@ class ModelSpec:
     clip_batch_size: int = 32
     proposals: ProposalSettings = field(default_factory=ProposalSettings)
     crops: CropSettings = field(default_factory=CropSettings)
+    offline: bool = False                  # never download missing weights
+    detector_url: str | None = None        # where to download the detector's weights (default torchvision's)
 
     @property
     def fingerprint(self) -> str:
         """Changes when anything that shapes predictions changes (weights files by size and mtime)."""
         state = asdict(self)
-        state.pop("device"), state.pop("clip_batch_size")
+        for how_not_what in ("device", "clip_batch_size", "offline", "detector_url"):
+            state.pop(how_not_what)
         for path in (self.clip_model, self.detector_weights):
             if path and Path(path).exists():
                 p = Path(path)
@@ -49,12 +52,13 @@ def tiny_spec(**overrides) -> ModelSpec:
 
 
 def build_labeler(spec: ModelSpec, *, with_detector: bool = True) -> Labeler:
-    """Load the models once per process; requests never build models."""
+    """Load the models once per process (downloading missing ones first unless offline); requests never build
+    models."""
     device = pick_device(spec.device)
-    clip = Clip.load(spec.clip_model, spec.device, spec.clip_batch_size)
+    clip = Clip.load(spec.clip_model, spec.device, spec.clip_batch_size, offline=spec.offline)
     proposer = None
     if with_detector:
-        detector = load_detector(spec.detector, spec.detector_weights)
+        detector = load_detector(spec.detector, spec.detector_weights, offline=spec.offline, url=spec.detector_url)
         proposer = Proposer(detector, spec.proposals, device)
     return Labeler(clip, proposer, spec.crops)
 

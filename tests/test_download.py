@@ -1,0 +1,129 @@
+"""Downloading the models on first use, against a fake hub on loopback (never the real network): only the files
+needed, into the standard caches, loaded afterwards offline; a download cut midway recovers; a wrong hash keeps
+nothing; offline or without network the command fails fast with one message; two processes download once."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from backend.demo.shapes import scenes
+from backend.labeling.factory import TINY_DIR
+
+from fake_hub import COMMIT, FakeHub
+
+ROOT = Path(__file__).resolve().parent.parent
+REPO = "fake-org/tiny-clip"
+DETECTOR_BYTES = (TINY_DIR / "detector.pt").read_bytes()
+DETECTOR_NAME = f"tiny-{hashlib.sha256(DETECTOR_BYTES).hexdigest()[:8]}.pth"
+
+
+@pytest.fixture
+def hub():
+    hub = FakeHub()
+    hub.add_repo(REPO, TINY_DIR / "clip", extra={"flax_model.msgpack": b"x" * 1000, "tf_model.h5": b"y" * 1000})
+    hub.files[f"/models/{DETECTOR_NAME}"] = DETECTOR_BYTES
+    hub.files["/models/wrong-deadbeef.pth"] = DETECTOR_BYTES
+    yield hub
+    hub.close()
+
+
+def env_for(tmp_path: Path, hub: FakeHub | None, **extra) -> dict:
+    scrub = ("HF_HUB_OFFLINE", "OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT", "HTTP_PROXY", "HTTPS_PROXY")
+    env = {k: v for k, v in os.environ.items() if k not in scrub}
+    env.update(HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"), PYTHONPATH=str(ROOT),
+               HF_HUB_DISABLE_XET="1", **extra)
+    if hub is not None:
+        env["HF_ENDPOINT"] = hub.url
+    return env
+
+
+def run(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+LOAD = ("import sys; from backend.labeling.clip import Clip; clip = Clip.load(sys.argv[1], offline=True); "
+        "print(tuple(clip.embed_prompts(('a photo of a star.',)).shape))")
+
+
+def test_download_fetches_only_what_loading_needs_then_loads_offline(hub, tmp_path):
+    env = env_for(tmp_path, hub, DETECTOR="tiny_shapes", DETECTOR_WEIGHTS=str(TINY_DIR / "detector.pt"))
+    done = run(["-m", "backend", "download", "--clip", REPO], env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "CLIP fake-org/tiny-clip:" in done.stdout
+    snapshot = next((tmp_path / "hf" / "hub").glob("models--fake-org--tiny-clip/snapshots/*"))
+    assert sorted(p.name for p in snapshot.iterdir()) == sorted(p.name for p in (TINY_DIR / "clip").iterdir())
+    assert not any("msgpack" in path or "h5" in path for path in hub.gets)   # other formats never fetched
+    loaded = run(["-c", LOAD, REPO], {**env, "OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://0.0.0.0:9"})
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "(1, 64)", loaded.stderr[-2000:]
+
+
+def test_a_download_cut_midway_recovers_on_the_next_run(hub, tmp_path):
+    hub.cut_once[f"/{REPO}/resolve/{COMMIT}/model.safetensors"] = 20_000
+    env = env_for(tmp_path, hub)
+    first = run(["-c", "from backend.labeling.download import fetch_clip; print(fetch_clip('fake-org/tiny-clip'))"], env)
+    print(f"first run after the cut: exit {first.returncode}")
+    if first.returncode != 0:   # huggingface_hub may resume within the same run; if not, the next run must
+        assert "cannot download CLIP model" in first.stderr
+        loaded = run(["-c", LOAD, REPO], {**env, "HF_HUB_OFFLINE": "1"})
+        assert loaded.returncode != 0, "a cut download must not load as a model"
+    again = run(["-c", "from backend.labeling.download import fetch_clip; print(fetch_clip('fake-org/tiny-clip'))"],
+                env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    loaded = run(["-c", LOAD, REPO], {**env, "HF_HUB_OFFLINE": "1"})
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "(1, 64)", loaded.stderr[-2000:]
+
+
+FETCH_DETECTOR = ("import sys; from backend.labeling.download import fetch_detector_file; "
+                  "print(fetch_detector_file(sys.argv[1]))")
+
+
+def test_the_detector_file_is_hash_checked_and_a_wrong_one_leaves_nothing(hub, tmp_path):
+    env = env_for(tmp_path, hub)
+    wrong = run(["-c", FETCH_DETECTOR, f"{hub.url}/models/wrong-deadbeef.pth"], env)
+    assert wrong.returncode != 0 and "does not start with deadbeef" in wrong.stderr
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    assert not [p for p in checkpoints.iterdir() if not p.name.endswith(".lock")]   # no file, no .partial
+    hub.cut_once[f"/models/{DETECTOR_NAME}"] = 50_000
+    cut = run(["-c", FETCH_DETECTOR, f"{hub.url}/models/{DETECTOR_NAME}"], env)
+    assert cut.returncode != 0 and not (checkpoints / DETECTOR_NAME).exists()
+    right = run(["-c", FETCH_DETECTOR, f"{hub.url}/models/{DETECTOR_NAME}"], env)
+    assert right.returncode == 0, right.stderr[-2000:]
+    assert (checkpoints / DETECTOR_NAME).read_bytes() == DETECTOR_BYTES
+
+
+def test_two_processes_starting_together_download_once(hub, tmp_path):
+    env = env_for(tmp_path, hub)
+    code = "from backend.labeling.download import fetch_clip; print(fetch_clip('fake-org/tiny-clip'))"
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: run(["-c", code], env), range(2)))
+    assert all(r.returncode == 0 for r in results), [r.stderr[-1000:] for r in results]
+    assert hub.gets[f"/{REPO}/resolve/{COMMIT}/model.safetensors"] == 1
+    hub.files[f"/models/{DETECTOR_NAME}"] = DETECTOR_BYTES
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: run(["-c", FETCH_DETECTOR, f"{hub.url}/models/{DETECTOR_NAME}"], env),
+                                range(2)))
+    assert all(r.returncode == 0 for r in results), [r.stderr[-1000:] for r in results]
+    assert hub.gets[f"/models/{DETECTOR_NAME}"] == 1
+
+
+@pytest.mark.parametrize("how", ["OFFLINE=1", "no network"])
+def test_without_the_models_the_command_fails_fast_with_one_message(how, tmp_path):
+    image = tmp_path / "x.png"
+    next(scenes(0, 1)).image.save(image)
+    env = env_for(tmp_path, None, **({"OFFLINE": "1"} if how == "OFFLINE=1" else
+                                     {"HF_ENDPOINT": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}))
+    started = time.monotonic()
+    out = run(["-m", "backend", "label", str(image), "--labels", "bee"], env)
+    elapsed = time.monotonic() - started
+    print(f"{how}: failed in {elapsed:.1f} s")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.count("error:") == 1 and "python -m backend download" in out.stderr
+    assert elapsed < 10, f"took {elapsed:.1f} s"
