@@ -33,10 +33,11 @@ SETTINGS: tuple[tuple[str, type, Any, str], ...] = (
     ("PROMPT_TEMPLATE", str, DEFAULT_TEMPLATE, "default prompt template(s) for labels without prompts; `;` separates several (averaged)"),
     ("BACKGROUND_PROMPTS", str, ";".join(DEFAULT_BACKGROUND), "default background prompt(s), `;`-separated; regions won by one are dropped"),
     ("CLIP_BATCH_SIZE", int, 32, "crops per CLIP forward pass"),
-    ("LABEL_STUDIO_URL", str, "", "Label Studio base URL for image downloads; empty = /setup's hostname"),
-    ("LABEL_STUDIO_API_KEY", str, "", "legacy token or personal access token; empty = /setup's access_token"),
+    ("LABEL_STUDIO_URL", str, "", "Label Studio base URL for image downloads and its API; empty = /setup's hostname (only without LABEL_STUDIO_API_KEY)"),
+    ("LABEL_STUDIO_API_KEY", str, "", "legacy token or personal access token, sent only to LABEL_STUDIO_URL (required with it); empty = /setup's access_token"),
     ("LOCAL_FILES_DOCUMENT_ROOT", str, "", "read /data/local-files/ images from this directory when shared with LS"),
     ("ALLOWED_HOSTS", str, "", "comma-separated hosts images may be fetched from; empty = any"),
+    ("ALLOW_PRIVATE_HOSTS", str, "", "comma-separated host names and CIDR networks (e.g. `minio,10.0.0.0/8`) images may come from although private/loopback/link-local; Label Studio's own origin always may"),
     ("IMAGE_MAX_BYTES", int, 50_000_000, "largest image download"),
     ("IMAGE_TIMEOUT", float, 20.0, "seconds to connect to and read an image"),
     ("MAX_IMAGE_PIXELS", int, 40_000_000, "largest decoded image (decompression-bomb guard)"),
@@ -67,6 +68,10 @@ def demo_from_env(environ: Mapping[str, str] | None = None) -> bool:
     return _parse(bool, (os.environ if environ is None else environ).get("DEMO", ""))
 
 
+class SettingsError(ValueError):
+    """Settings that cannot work together; the message says which and what to do."""
+
+
 @dataclass(frozen=True)
 class Settings:
     values: Mapping[str, Any]
@@ -86,6 +91,9 @@ class Settings:
             values.update(CPU_PROFILE)
         elif values["PROFILE"] not in ("default", "cpu"):
             raise ValueError(f"PROFILE={values['PROFILE']!r}: use `default` or `cpu`")
+        if values["LABEL_STUDIO_API_KEY"] and not values["LABEL_STUDIO_URL"]:
+            from .studio.images import KEY_NEEDS_URL
+            raise SettingsError(KEY_NEEDS_URL)
         return cls(values, demo)
 
     def __getitem__(self, name: str) -> Any:

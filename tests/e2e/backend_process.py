@@ -32,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Settings that must not leak from the developer's shell into the backend under test.
 _SCRUB = ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "LOCAL_FILES_DOCUMENT_ROOT", "REDIS_URL", "BASIC_AUTH_USER",
-          "BASIC_AUTH_PASS", "MODEL_DIR", "DEMO", "ALLOWED_HOSTS", "PROFILE", "DETECTOR", "CLIP_MODEL")
+          "BASIC_AUTH_PASS", "MODEL_DIR", "DEMO", "ALLOWED_HOSTS", "ALLOW_PRIVATE_HOSTS", "PROFILE", "DETECTOR", "CLIP_MODEL")
 
 
 class BackendError(RuntimeError):

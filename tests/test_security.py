@@ -1,0 +1,173 @@
+"""The attacks of issue 11, each reproduced over real HTTP on loopback: attacker and "internal" servers are small
+HTTP servers in threads (on 127.0.0.1, 127.0.0.2 and ::1); Label Studio is test_images' fake. Each test is named
+after its attack and fails on the code before the fix (noted per test)."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from http.server import ThreadingHTTPServer
+
+import pytest
+
+from backend.config import Settings, SettingsError
+from backend.studio import http
+from backend.studio.images import ImageFetcher, ImageFetchError
+from test_images import IMAGE, LEGACY_TOKEN, FakeLabelStudio, Handler, Server, no_proxies  # noqa: F401
+
+
+class Recorder:
+    """A server that records who asked (path, Authorization) and answers ``answer(path)``: (status, headers)."""
+
+    def __init__(self, host: str = "127.0.0.1", answer=None):
+        self.requests: list[tuple[str, str | None]] = []
+        self.answer = answer or (lambda path: (200, {}))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        server_class = type("Server", (ThreadingHTTPServer,), {"address_family": family})
+        handler = type("H", (Handler,), {"app": staticmethod(self)})
+        self.httpd = server_class((host, 0), handler)
+        self.port = self.httpd.server_port
+        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{self.port}"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def __call__(self, request):
+        self.requests.append((request.path, request.headers.get("Authorization")))
+        status, headers = self.answer(request.path)
+        request.reply(status, IMAGE if status == 200 else b"", **headers)
+
+    @property
+    def keys_seen(self) -> list[str]:
+        return [auth for _, auth in self.requests if auth]
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def ls():
+    app = FakeLabelStudio()
+    server = Server(app)
+    app.url = server.url
+    yield app
+    server.close()
+
+
+@pytest.fixture
+def servers():
+    started = []
+
+    def start(*args, **kwargs) -> Recorder:
+        started.append(Recorder(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()
+
+
+def fetcher(ls, **env) -> ImageFetcher:
+    """The fetcher a backend builds from these settings, Label Studio's address and key set."""
+    settings = Settings.from_env({"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": LEGACY_TOKEN,
+                                  "IMAGE_TIMEOUT": "3", **env})
+    return ImageFetcher.from_settings(settings)
+
+
+def refused(fetcher: ImageFetcher, url: str) -> str:
+    with pytest.raises(ImageFetchError) as caught:
+        fetcher.fetch(url)
+    return str(caught.value)
+
+
+# ---------------------------------------------------------------- 1: credential scoping
+@pytest.mark.parametrize("trick", ["{attacker}\\@{ls}", "{attacker}\\\\@{ls}", "{attacker}\\.{ls}"])
+def test_backslash_authority_does_not_send_the_key_to_the_attacker(ls, servers, trick):
+    """Before: the auth decision (urlsplit) saw Label Studio after the `\\@`, the client connected to the host
+    before it, and the attacker received `Authorization: Token ...` (verified failing before the fix)."""
+    attacker = servers("127.0.0.2")
+    netloc = trick.format(attacker=attacker.url.removeprefix("http://"), ls=ls.url.removeprefix("http://"))
+    message = refused(fetcher(ls, ALLOW_PRIVATE_HOSTS="127.0.0.2"), f"http://{netloc}/data/upload/1/bee.png")
+    assert "ambiguous" in message
+    assert attacker.keys_seen == [] and attacker.requests == []
+
+
+def test_redirect_from_a_foreign_host_into_label_studio_carries_no_key(ls, servers):
+    """Before: every hop that landed on Label Studio got the key, so any task URL could make the backend read
+    Label Studio with its key (verified failing before the fix)."""
+    attacker = servers("127.0.0.2", lambda path: (302, {"Location": ls.url + "/data/upload/1/bee.png"}))
+    message = refused(fetcher(ls, ALLOW_PRIVATE_HOSTS="127.0.0.2"), attacker.url + "/x.png")
+    assert "Label Studio refused" in message
+    assert [auth for _, auth, _ in ls.log] == [None]
+
+
+def test_redirect_from_label_studio_to_a_foreign_host_carries_no_key(ls, servers):
+    foreign = servers("127.0.0.2")
+    ls.cloud_url = foreign.url
+    assert fetcher(ls, ALLOW_PRIVATE_HOSTS="127.0.0.2").fetch("s3://bucket/a.png", task_id=1) == IMAGE
+    assert [auth for _, auth, _ in ls.log] == [f"Token {LEGACY_TOKEN}"] and foreign.keys_seen == []
+
+
+# ---------------------------------------------------------------- 2: /setup cannot redirect the key
+def test_setup_hostname_cannot_receive_the_environment_key(ls, servers):
+    """Before: with LABEL_STUDIO_API_KEY set and LABEL_STUDIO_URL empty (the default), an unauthenticated
+    /setup {"hostname": attacker} made the next upload fetch send the key there (verified failing before the
+    fix: no start-up error)."""
+    with pytest.raises(SettingsError, match="LABEL_STUDIO_URL"):
+        Settings.from_env({"LABEL_STUDIO_API_KEY": LEGACY_TOKEN})
+    attacker = servers("127.0.0.2")
+    images = fetcher(ls, ALLOW_PRIVATE_HOSTS="127.0.0.2")
+    images.use_setup_values(attacker.url, "attacker-token")   # neither the host nor the key changes
+    assert images.fetch("upload/1/bee.png") == IMAGE
+    images.use_setup_values(None, None)                        # nor can /setup clear the key
+    assert images.fetch("upload/1/bee.png") == IMAGE
+    assert attacker.requests == [] and {auth for _, auth, _ in ls.log} == {f"Token {LEGACY_TOKEN}"}
+
+
+# ---------------------------------------------------------------- 3: server-side request forgery
+@pytest.mark.parametrize("host", ["127.0.0.1", "2130706433", "0177.0.0.1", "localhost", "127.1"])
+def test_task_urls_to_internal_hosts_are_refused(ls, servers, host):
+    """Before: all fetched (verified failing before the fix)."""
+    internal = servers("127.0.0.1")
+    message = refused(fetcher(ls), f"http://{host}:{internal.port}/admin.png")
+    assert "server-side request forgery" in message and "ALLOW_PRIVATE_HOSTS" in message
+    assert internal.requests == []
+
+
+def test_task_urls_to_ipv6_loopback_are_refused(ls, servers):
+    internal = servers("::1")
+    assert "loopback" in refused(fetcher(ls), internal.url + "/admin.png")
+    assert internal.requests == []
+
+
+def test_two_hop_redirect_into_ipv6_loopback_is_refused(ls, servers):
+    """Before: the allowed first host redirected twice and the second redirect reached [::1] (verified failing
+    before the fix)."""
+    internal = servers("::1")
+    second = servers("127.0.0.2", lambda path: (302, {"Location": internal.url + "/secret"}))
+    first = servers("127.0.0.2", lambda path: (302, {"Location": second.url + "/hop"}))
+    assert "loopback" in refused(fetcher(ls, ALLOW_PRIVATE_HOSTS="127.0.0.2"), first.url + "/a.png")
+    assert len(first.requests) == 1 and len(second.requests) == 1 and internal.requests == []
+
+
+def test_cloud_metadata_address_is_refused_without_connecting(ls):
+    started = time.monotonic()
+    message = refused(fetcher(ls), "http://169.254.169.254/latest/meta-data/iam/")
+    assert "link-local" in message and time.monotonic() - started < 1
+
+
+def test_listed_private_hosts_and_networks_are_allowed(ls, servers):
+    internal = servers("127.0.0.1")
+    for allowed in ("127.0.0.1", "127.0.0.0/8"):
+        assert fetcher(ls, ALLOW_PRIVATE_HOSTS=allowed).fetch(internal.url + "/a.png") == IMAGE
+    assert fetcher(ls, ALLOW_PRIVATE_HOSTS="localhost").fetch(f"http://localhost:{internal.port}/a.png") == IMAGE
+    assert len(internal.requests) == 3
+
+
+@pytest.mark.parametrize("address, kind", [
+    ("10.1.2.3", "private"), ("172.16.0.1", "private"), ("192.168.1.1", "private"), ("100.64.0.1", "non-public"),
+    ("169.254.169.254", "link-local"), ("224.0.0.1", "multicast"), ("0.0.0.0", "unspecified"),
+    ("240.0.0.1", "private"), ("::ffff:127.0.0.1", "loopback"), ("::ffff:10.0.0.1", "private"),
+    ("2002:7f00:1::", "loopback"), ("fe80::1", "link-local"), ("fc00::1", "private"), ("::", "unspecified"),
+    ("8.8.8.8", None), ("2606:4700::1111", None)])
+def test_address_kinds(address, kind):
+    assert http.non_public_kind(address) == kind
