@@ -48,7 +48,7 @@ SETTINGS: tuple[tuple[str, type, Any, str], ...] = (
     ("FEATURE_CACHE_MB", int, 256, "in-process LRU of image features (proposals + CLIP embeddings by image content hash + model fingerprint), MB; 0 = off"),
     ("FEATURE_CACHE_REDIS_MB", int, 2048, "with REDIS_URL: feature cache shared through Redis, capped at this many MB by its own LRU; 0 = off"),
     ("FEATURE_CACHE_TTL_DAYS", float, 30.0, "feature cache entries unused this long expire (Redis, disk)"),
-    ("PREANNOTATE_CHUNK", int, 16, "tasks per bulk job of `python -m backend preannotate`, run by `rq worker --url $REDIS_URL --worker-class rq.worker.SimpleWorker clip-ls` on any machines"),
+    ("PREANNOTATE_CHUNK", int, 16, "tasks per bulk job of `python -m backend preannotate`, run by `rq worker --url $REDIS_URL --worker-class rq.worker.SimpleWorker --serializer rq.serializers.JSONSerializer clip-ls` on any machines"),
     ("PREANNOTATE_JOB_TIMEOUT", int, 900, "seconds one bulk chunk may run; RQ re-queues the chunk of a dead worker this + 60 s after it started"),
     ("BASIC_AUTH_USER", str, "", "require HTTP Basic Auth on every route but /health"),
     ("BASIC_AUTH_PASS", str, "", "its password"),

@@ -157,8 +157,8 @@ class Learning:
         if label_config is None:
             log.warning("webhook %s for project %s has no label_config: ignored", event, project_id)
             return {"status": "ignored", "event": event, "reason": "no label_config in the project"}
-        payload = {"project": project_id, "label_config": label_config, "space": self.space, "demo": self.demo,
-                   "label_studio": self._label_studio()}
+        # no credentials in a job: an RQ worker uses its own LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY
+        payload = {"project": project_id, "label_config": label_config, "space": self.space, "demo": self.demo}
         if event == "START_TRAINING":
             return {"status": "queued", "event": event, "job": self.jobs.submit("rebuild", payload)}
         items = annotation_items(data)
@@ -185,10 +185,6 @@ class Learning:
             self.store.apply(project_id, self.space, [Change(s, time.time(), None) for s in sources])
         return len(sources)
 
-    def _label_studio(self) -> tuple[str | None, str | None] | None:
-        """/setup's Label Studio host and token, for a worker that has no LABEL_STUDIO_URL / API key of its own."""
-        return self.fetcher.setup_values if self.fetcher is not None else None
-
 
 class Learner:
     """The working side: turns annotations into stored memory records."""
@@ -212,8 +208,6 @@ class Learner:
         if payload.get("space") not in (None, self.space):
             raise RuntimeError("this worker's CLIP model or crop settings differ from the backend's (embedding "
                                "spaces differ): give the worker the same CLIP_MODEL / CROP_* settings")
-        if payload.get("label_studio"):
-            self.fetcher.use_setup_values(*payload["label_studio"])
         config = parse_label_config(payload["label_config"])
         if kind == "learn":
             return self.learn(payload["project"], config, payload["items"])

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from backend.app import create_app
 from backend.config import Settings
+from backend.jobs import WORKER_OPTIONS, rq_queue
 from backend.demo.scoring import MatchScore
 from backend.demo.shapes import KNOWN_SHAPES, NOVEL_SHAPES, SHAPES, scenes
 from backend.labeling.adapter import AdapterSettings, Examples, Memory, adjust_logits
@@ -158,8 +159,7 @@ def _iou_max(box, boxes) -> float:
 def run_rq_worker(redis_url: str, image_dir: Path) -> str:
     """The documented worker command, in burst mode (it exits when the queue is empty)."""
     rq = Path(sys.executable).parent / "rq"
-    command = [str(rq), "worker", "--burst", "--url", redis_url, "--worker-class", "rq.worker.SimpleWorker",
-               "clip-ls"]
+    command = [str(rq), "worker", "--burst", "--url", redis_url, *WORKER_OPTIONS, "clip-ls"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "REDIS_URL": redis_url,
            "LOCAL_FILES_DOCUMENT_ROOT": str(image_dir), "TORCH_THREADS": "1"}
     out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -171,6 +171,7 @@ RESTART = """
 import json, sys
 from backend.app import create_app
 from backend.config import Settings
+from backend.jobs import WORKER_OPTIONS, rq_queue
 from backend.labeling.factory import build_labeler
 from backend.model import ClipBackend
 settings = Settings.from_env(demo=True)
@@ -217,8 +218,7 @@ def test_corrections_improve_the_next_predictions_and_survive_a_restart(where, i
 
     teach(client, project)
     if where == "redis":
-        from rq import Queue
-        queue = Queue("clip-ls", connection=backend.learning.jobs.connection)
+        queue = rq_queue(backend.learning.jobs.connection)
         assert queue.count == len(TRAIN), "the webhooks queue their work on RQ, the backend does not do it"
         assert setup_version(client, project) == v0, "no new version before the new state is stored"
         log = run_rq_worker(env["REDIS_URL"], image_dir)

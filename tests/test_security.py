@@ -3,9 +3,11 @@ HTTP servers in threads (on 127.0.0.1, 127.0.0.2 and ::1); Label Studio is test_
 after its attack and fails on the code before the fix (noted per test)."""
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
+import zlib
 from http.server import ThreadingHTTPServer
 
 import pytest
@@ -171,3 +173,62 @@ def test_listed_private_hosts_and_networks_are_allowed(ls, servers):
     ("8.8.8.8", None), ("2606:4700::1111", None)])
 def test_address_kinds(address, kind):
     assert http.non_public_kind(address) == kind
+
+
+# ---------------------------------------------------------------- 4: no code from Redis, no secrets in jobs
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")   # unpickling creates the marker file: code ran
+
+
+def test_crafted_pickled_job_in_redis_runs_no_code(redis_url, tmp_path):
+    """Before: RQ's default pickle serializer; the documented worker unpickled the job and the marker appeared
+    (verified failing before the fix)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import redis
+    from rq import Queue
+
+    from backend.jobs import QUEUE_NAME, WORKER_OPTIONS
+
+    marker = tmp_path / "pwned"
+    Queue(QUEUE_NAME, connection=redis.Redis.from_url(redis_url)).enqueue("builtins.len",
+                                                                         _RunsCodeWhenUnpickled(str(marker)))
+    rq = Path(sys.executable).parent / "rq"
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([str(rq), "worker", "--burst", "--url", redis_url, *WORKER_OPTIONS, QUEUE_NAME],
+                         cwd=repo, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)},
+                         capture_output=True, text=True, timeout=120)
+    assert not marker.exists(), out.stdout[-2000:] + out.stderr[-2000:]
+    redis.Redis.from_url(redis_url).flushdb()
+
+
+def test_learning_jobs_in_redis_carry_no_token(redis_url, tmp_path):
+    """Before: /setup's access_token rode in every learning job's payload, kept 24 h (7 days when failed)
+    (verified failing before the fix)."""
+    import redis
+
+    from backend.jobs import RQJobs
+    from backend.learning import Learning
+    from backend.store import open_store
+
+    secret = "setup-access-token-" + "x" * 20
+    images = ImageFetcher()
+    images.use_setup_values("http://label-studio.example:8080", secret)
+    settings = Settings.from_env({"MODEL_DIR": str(tmp_path)})
+    learning = Learning(open_store(settings), RQJobs(redis_url), "space", None, images)
+    answer = learning.handle("ANNOTATION_CREATED", {
+        "project": {"id": 1, "label_config": "<View/>"},
+        "annotation": {"id": 7, "task": 3, "result": []}, "task": {"id": 3, "data": {"image": "/x.png"}}})
+    assert answer["status"] == "queued"
+    connection = redis.Redis.from_url(redis_url)
+    [key] = connection.keys("rq:job:*")
+    data = zlib.decompress(connection.hget(key, "data"))
+    connection.flushdb()
+    assert secret.encode() not in data
+    assert json.loads(data)[2][1]["project"] == 1     # JSON (function, instance, args, kwargs), not a pickle

@@ -70,7 +70,7 @@ class ImageFetcher:
         self.allow_private = tuple(allow_private)
         self._setup_hostname: str | None = None
         self._setup_access_token: str | None = None
-        self._auth = LabelStudioAuth(self._post_json)
+        self._auth = LabelStudioAuth(timeout, self.allow_private)
 
     @classmethod
     def from_settings(cls, settings) -> "ImageFetcher":
@@ -127,11 +127,6 @@ class ImageFetcher:
             return []
         with ThreadPoolExecutor(min(max_workers, len(items)), thread_name_prefix="fetch-image") as pool:
             return list(pool.map(attempt, items))
-
-    @property
-    def setup_values(self) -> tuple[str | None, str | None]:
-        """What /setup sent (hostname, access_token), to hand to another process (an RQ worker)."""
-        return self._setup_hostname, self._setup_access_token
 
     def get_json(self, path: str, params: dict | None = None):
         """GET a Label Studio API path (e.g. ``/api/tasks``) with the API key; the decoded JSON.
@@ -233,18 +228,6 @@ class ImageFetcher:
         except http.Refused as error:
             raise ImageFetchError(f"refused {task_url!r}: {error}") from None
 
-    def _post_json(self, url: str, payload: dict) -> http.Answer:
-        """POST to Label Studio only (the PAT exchange): no redirects followed."""
-        label_studio = self._origin_of_label_studio()
-        if label_studio is None or http.Origin.of(url) != label_studio:
-            raise ImageFetchError(f"refused to post credentials to {url!r}: not Label Studio")
-        try:
-            return http.request(url, http.Guard(self.allow_private, [label_studio]), method="POST",
-                                body=json.dumps(payload).encode(), headers={"Content-Type": "application/json"},
-                                timeout=self.timeout, max_bytes=1_000_000, max_redirects=0)
-        except http.RequestError as error:
-            raise ImageFetchError(f"{error} (exchanging the personal access token at {url})") from None
-
     def _check_allowed(self, origin: http.Origin, task_url: str) -> None:
         if origin.host not in self.allowed_hosts and origin != self._origin_of_label_studio():
             raise ImageFetchError(f"refused {task_url!r}: {origin.host!r} is not an allowed image host "
@@ -302,8 +285,9 @@ class LabelStudioAuth:
     access token ``Bearer <access token>``, exchanged at /api/token/refresh/ and cached until shortly before it
     expires."""
 
-    def __init__(self, post_json):
-        self._post_json = post_json   # (url, payload) -> http.Answer, to Label Studio only
+    def __init__(self, timeout: float, allow_private: tuple[str, ...] = ()):
+        self._timeout = timeout
+        self._allow_private = allow_private
         self._lock = threading.Lock()   # one exchange at a time; the others then find its token
         self._cache: dict[tuple[str, str], tuple[str, float]] = {}   # (LS, PAT) → (access token, renew at)
 
@@ -326,7 +310,14 @@ class LabelStudioAuth:
 
     def _exchange(self, label_studio: str, pat: str) -> str:
         url = label_studio + "/api/token/refresh/"
-        answer = self._post_json(url, {"refresh": pat})
+        origin = http.Origin.of(label_studio)
+        try:   # to Label Studio's origin only, no redirect followed: the PAT is in the body
+            answer = http.request(url, http.Guard(self._allow_private, [origin]), method="POST",
+                                  body=json.dumps({"refresh": pat}).encode(),
+                                  headers={"Content-Type": "application/json"}, timeout=self._timeout,
+                                  max_bytes=2**20, max_redirects=0)
+        except http.RequestError as error:
+            raise ImageFetchError(f"{error} (exchanging the personal access token at {url})") from None
         if answer.status in (401, 403):
             raise ImageFetchError(f"Label Studio rejected the personal access token ({answer.status} "
                                   f"from {url}): it was revoked, or belongs to another Label Studio")
