@@ -21,6 +21,10 @@ MAX_BODY_BYTES = 50 * 1024 * 1024
 MAX_CONFIG_CHARS = 2 * 1024 * 1024   # real labeling configs are kilobytes; parsed configs are cached per process
 
 
+SECRET_SEEN = "clip_ls.url_secret"
+AUTHENTICATED = "clip_ls.authenticated"
+
+
 class BadRequest(ValueError):
     """The request is not what the protocol says; answered with 400 and the reason."""
 
@@ -41,18 +45,30 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
     app.extensions["clip_backend"] = backend
+    secret, user, password = settings["URL_SECRET"], settings["BASIC_AUTH_USER"], settings["BASIC_AUTH_PASS"]
+    if secret:
+        app.wsgi_app = _SecretPrefix(app.wsgi_app, secret)
+
+    def authenticated() -> bool:
+        """Under URL_SECRET's prefix, or with the right Basic Auth."""
+        if request.environ.get(SECRET_SEEN):
+            return True
+        auth = request.authorization
+        return bool(user) and (auth is not None and auth.type == "basic"
+                               and hmac.compare_digest((auth.username or "").encode(), user.encode())
+                               and hmac.compare_digest((auth.password or "").encode(), password.encode()))
 
     @app.before_request
-    def basic_auth():
-        user, password = settings["BASIC_AUTH_USER"], settings["BASIC_AUTH_PASS"]
-        if not user or request.path == "/health":
+    def guard():
+        request.environ[AUTHENTICATED] = authenticated()
+        if not (secret or user) or request.path == "/health" or request.environ[AUTHENTICATED]:
             return None
-        auth = request.authorization
-        ok = (auth is not None and auth.type == "basic"
-              and hmac.compare_digest((auth.username or "").encode(), user.encode())
-              and hmac.compare_digest((auth.password or "").encode(), password.encode()))
-        if ok:
-            return None
+        if request.path == "/webhook" and getattr(backend, "reads_annotations_from_label_studio", False):
+            return None   # a webhook is then only a hint: what is learned is read from Label Studio's API
+        log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote_addr,
+                    "no or wrong Basic Auth" if user else "not under URL_SECRET's path")
+        if not user:
+            return jsonify(error="not found"), 404   # the secret path is the credential: nothing to hint at
         response = jsonify(error="authentication required (HTTP Basic Auth)")
         response.status_code = 401
         response.headers["WWW-Authenticate"] = 'Basic realm="clip-ls"'
@@ -92,7 +108,8 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
     def webhook():
         body = _json_object()
         event = _field(body, "action", str)
-        return jsonify(backend.fit(event, body)), 201
+        answer = backend.fit(event, body, authenticated=request.environ[AUTHENTICATED])
+        return jsonify(answer), 403 if answer.get("status") == "refused" else 201
 
     @app.errorhandler(BadRequest)
     @app.errorhandler(LabelConfigError)
@@ -109,6 +126,23 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
         return jsonify(error=f"internal error: {type(error).__name__}: {error}"), 500
 
     return app
+
+
+class _SecretPrefix:
+    """WSGI: serves ``/<secret>/any/route`` as ``/any/route``, marked as authenticated. Label Studio appends its
+    paths (/setup, /predict, /webhook for the webhook it creates) to the model URL, so the prefix rides along."""
+
+    def __init__(self, app, secret: str):
+        self.app, self.secret = app, secret.strip("/").encode()
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        first, _, rest = path[1:].partition("/")
+        if hmac.compare_digest(first.encode("latin-1", "replace"), self.secret):
+            environ["PATH_INFO"] = "/" + rest
+            environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + "/" + first
+            environ[SECRET_SEEN] = True
+        return self.app(environ, start_response)
 
 
 def _json_object() -> dict:

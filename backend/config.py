@@ -50,7 +50,8 @@ SETTINGS: tuple[tuple[str, type, Any, str], ...] = (
     ("FEATURE_CACHE_TTL_DAYS", float, 30.0, "feature cache entries unused this long expire (Redis, disk)"),
     ("PREANNOTATE_CHUNK", int, 16, "tasks per bulk job of `python -m backend preannotate`, run by `rq worker --url $REDIS_URL --worker-class rq.worker.SimpleWorker --serializer rq.serializers.JSONSerializer clip-ls` on any machines"),
     ("PREANNOTATE_JOB_TIMEOUT", int, 900, "seconds one bulk chunk may run; RQ re-queues the chunk of a dead worker this + 60 s after it started"),
-    ("BASIC_AUTH_USER", str, "", "require HTTP Basic Auth on every route but /health"),
+    ("URL_SECRET", str, "", "secret path prefix: give Label Studio the model URL `http://HOST:9090/<URL_SECRET>`; only requests under it (or with Basic Auth) are served, /health aside. Label Studio's webhooks carry it, so it authenticates them"),
+    ("BASIC_AUTH_USER", str, "", "require HTTP Basic Auth on every route but /health (and URL_SECRET's, and /webhook when Label Studio's API is configured: webhooks carry no Basic Auth)"),
     ("BASIC_AUTH_PASS", str, "", "its password"),
     ("LOG_LEVEL", str, "INFO", "DEBUG, INFO, WARNING, ERROR"),
 )

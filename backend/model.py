@@ -28,6 +28,12 @@ from .studio.results import context_regions, prediction_for_task
 
 log = logging.getLogger(__name__)
 CHUNK = 16  # images per pipeline call: CLIP batches across them, memory stays bounded
+LEARNING_OFF = ("learning from corrections is off: anyone could forge the webhooks. Set LABEL_STUDIO_URL and "
+                "LABEL_STUDIO_API_KEY (annotations are then read from Label Studio), or URL_SECRET and the model "
+                "URL http://HOST:9090/<URL_SECRET> in Label Studio (its webhooks then carry the secret)")
+LEARNING_OFF_BASIC_AUTH = ("learning from corrections is off: Label Studio's webhooks carry no Basic Auth and get "
+                           "401. Set URL_SECRET and the model URL http://HOST:9090/<URL_SECRET> in Label Studio, "
+                           "or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (/webhook is then open: only a hint)")
 
 
 def _rebuild_torch_thread_pool() -> None:
@@ -84,11 +90,19 @@ class ClipBackend:
         config = project_config(label_config, self.settings.prompt_defaults)
         self.fetcher.use_setup_values(hostname, access_token)
         answer = {"model_version": self.model_version(config, project)}
-        if config.problems:
-            answer["warnings"] = list(config.problems)
-            for problem in config.problems:
-                log.warning("label config: %s", problem)
+        warnings = [f"label config: {problem}" for problem in config.problems]
+        if not self.reads_annotations_from_label_studio and not self.settings["URL_SECRET"]:
+            warnings.append(LEARNING_OFF_BASIC_AUTH if self.settings["BASIC_AUTH_USER"] else LEARNING_OFF)
+        for warning in warnings:
+            log.warning("%s", warning)
+        if warnings:
+            answer["warnings"] = warnings
         return answer
+
+    @property
+    def reads_annotations_from_label_studio(self) -> bool:
+        """Webhooks are then hints: the learner reads each annotation from Label Studio's API."""
+        return self.fetcher.trusts_label_studio
 
     # ------------------------------------------------------------------ predict
     def predict(self, tasks: list[dict], label_config: str, project=None, context: dict | None = None) -> list[dict]:
@@ -232,9 +246,11 @@ class ClipBackend:
         return prediction_for_task(ImageLabels(width, height, named, choices), config, version)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, event: str, data: dict) -> dict:
-        """Training events queue a background update of the project's few-shot memory; answers at once."""
-        return self.learning.handle(event, data)
+    def fit(self, event: str, data: dict, authenticated: bool = False) -> dict:
+        """Training events queue a background update of the project's few-shot memory; answers at once.
+        ``authenticated``: the webhook came under URL_SECRET or with Basic Auth (else only Label Studio's API
+        is believed)."""
+        return self.learning.handle(event, data, authenticated)
 
     # ------------------------------------------------------------------ internals
     def _warm_up(self) -> float:

@@ -222,7 +222,7 @@ def test_learning_jobs_in_redis_carry_no_token(redis_url, tmp_path):
     images.use_setup_values("http://label-studio.example:8080", secret)
     settings = Settings.from_env({"MODEL_DIR": str(tmp_path)})
     learning = Learning(open_store(settings), RQJobs(redis_url), "space", None, images)
-    answer = learning.handle("ANNOTATION_CREATED", {
+    answer = learning.handle("ANNOTATION_CREATED", authenticated=True, data={
         "project": {"id": 1, "label_config": "<View/>"},
         "annotation": {"id": 7, "task": 3, "result": []}, "task": {"id": 3, "data": {"image": "/x.png"}}})
     assert answer["status"] == "queued"

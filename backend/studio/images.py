@@ -47,6 +47,10 @@ class ImageFetchError(Exception):
     """An image could not be fetched; the message names the cause and, where known, the fix."""
 
 
+class NotFound(ImageFetchError):
+    """404: the image, or the Label Studio object, does not exist."""
+
+
 class ImageFetcher:
     """Fetches task images; safe to share between threads.
 
@@ -141,6 +145,12 @@ class ImageFetcher:
             return json.loads(answer.body)
         except ValueError:
             raise ImageFetchError(f"Label Studio answered {path!r} with something that is not JSON") from None
+
+    @property
+    def trusts_label_studio(self) -> bool:
+        """Whether Label Studio's API can be believed: its address from the environment (never from /setup,
+        which anyone can call) and a key to read it with."""
+        return self.ls_url is not None and self._key is not None
 
     @property
     def _label_studio(self) -> str | None:
@@ -249,7 +259,7 @@ class ImageFetcher:
             raise ImageFetchError(f"{answer.origin.host} refused {task_url!r} ({status}); Label Studio "
                                   "credentials are sent only to Label Studio's own host")
         if status == 404:
-            raise ImageFetchError(f"not found (404): {task_url!r}")
+            raise NotFound(f"not found (404): {task_url!r}")
         raise ImageFetchError(f"HTTP {status} from {answer.origin.host} fetching {task_url!r}")
 
     def _refused_by_label_studio(self, status: int, task_url: str) -> str:
