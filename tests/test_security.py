@@ -232,3 +232,166 @@ def test_learning_jobs_in_redis_carry_no_token(redis_url, tmp_path):
     connection.flushdb()
     assert secret.encode() not in data
     assert json.loads(data)[2][1]["project"] == 1     # JSON (function, instance, args, kwargs), not a pickle
+
+
+# ---------------------------------------------------------------- 5, 6, 7: what is learned, and from whom
+LEARN_CONFIG = """<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">
+  <Label value="square"/><Label value="circle"/><Label value="star"/></RectangleLabels></View>"""
+TASK = {"id": 5, "data": {"image": "/data/local-files/?d=scene.png"}}
+
+
+def box(label: str, x: float = 10) -> list[dict]:
+    return [{"from_name": "label", "to_name": "image", "type": "rectanglelabels", "original_width": 160,
+             "original_height": 160, "value": {"x": x, "y": 10, "width": 40, "height": 40, "rotation": 0,
+                                                "rectanglelabels": [label]}}]
+
+
+def forged(action: str, annotation_id: int, label: str = "star", updated: str = "2026-01-01T00:00:00Z") -> dict:
+    return {"action": action, "project": {"id": 1, "label_config": LEARN_CONFIG}, "task": TASK,
+            "annotation": {"id": annotation_id, "task": TASK["id"], "result": box(label), "updated_at": updated}}
+
+
+@pytest.fixture(scope="module")
+def labeler():
+    from backend.labeling.factory import build_labeler
+
+    return build_labeler(Settings.from_env({}, demo=True).model_spec())
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory):
+    from backend.demo.shapes import scenes
+
+    root = tmp_path_factory.mktemp("security-images")
+    next(scenes(7, 1)).image.save(root / "scene.png")
+    return root
+
+
+@pytest.fixture
+def serve(labeler, image_root, tmp_path):
+    """A backend on a real loopback HTTP server, from these settings; yields (url, ClipBackend)."""
+    from werkzeug.serving import make_server
+
+    from backend.app import create_app
+    from backend.model import ClipBackend
+
+    started = []
+
+    def start(**env):
+        settings = Settings.from_env({"LOCAL_FILES_DOCUMENT_ROOT": str(image_root),
+                                      "MODEL_DIR": str(tmp_path / f"state{len(started)}"), **env}, demo=True)
+        backend = ClipBackend(settings, labeler)
+        server = make_server("127.0.0.1", 0, create_app(settings, backend), threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        started.append(server)
+        return f"http://127.0.0.1:{server.server_port}", backend
+
+    yield start
+    for server in started:
+        server.shutdown()
+
+
+def post(url: str, body: dict, **kwargs):
+    import requests
+
+    return requests.post(url, json=body, timeout=30, **kwargs)
+
+
+def learned(backend) -> set[str]:
+    return {label for label in backend.learning.memory(1).counts("label") if label}
+
+
+def version(url: str) -> str:
+    return post(url + "/setup", {"project": "1.1", "schema": LEARN_CONFIG}).json()["model_version"]
+
+
+def test_forged_annotation_webhooks_change_nothing(serve):
+    """Before: 15 forged ANNOTATION_CREATED (no Label Studio involved) changed the model version and flipped
+    predictions (verified failing before the fix: the version changed)."""
+    url, backend = serve()
+    before = version(url)
+    for n in range(15):
+        answer = post(url + "/webhook", forged("ANNOTATION_CREATED", 100 + n))
+        assert answer.status_code == 403 and answer.json()["status"] == "refused"
+    backend.learning.jobs.wait(60)
+    assert version(url) == before
+    assert "learning from corrections is off" in " ".join(
+        post(url + "/setup", {"project": "1.1", "schema": LEARN_CONFIG}).json()["warnings"])
+
+
+def test_forged_webhooks_with_label_studio_configured_learn_only_what_it_holds(serve, ls_api):
+    """With Label Studio's API: the webhook's result is ignored; the annotation is read by id."""
+    url, backend = serve(LABEL_STUDIO_URL=ls_api.url, LABEL_STUDIO_API_KEY=LEGACY_TOKEN)
+    before = version(url)
+    assert post(url + "/webhook", forged("ANNOTATION_CREATED", 404404)).status_code == 201   # LS lacks it
+    backend.learning.jobs.wait(60)
+    assert version(url) == before
+    post(url + "/webhook", forged("ANNOTATION_CREATED", 1, label="star"))   # real id, forged result
+    backend.learning.jobs.wait(60)
+    assert version(url) != before and learned(backend) == {"square"}     # what Label Studio holds
+
+
+def test_far_future_stamp_does_not_beat_real_updates(serve):
+    """Before: an annotation stamped year 9999 beat every later real update (verified failing before the fix)."""
+    url, backend = serve(URL_SECRET="s3cret")
+    post(url + "/s3cret/webhook", forged("ANNOTATION_CREATED", 9, label="star", updated="9999-01-01T00:00:00Z"))
+    backend.learning.jobs.wait(60)
+    post(url + "/s3cret/webhook", forged("ANNOTATION_UPDATED", 9, label="square",
+                                         updated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 1))))
+    backend.learning.jobs.wait(60)
+    assert learned(backend) == {"square"}
+
+
+def test_deletions_of_unknown_ids_do_not_block_learning_them(serve):
+    """Before: ANNOTATIONS_DELETED for ids not learned yet left tombstones, and those annotations were never
+    learned (verified failing before the fix)."""
+    url, backend = serve(URL_SECRET="s3cret")
+    deleted = post(url + "/s3cret/webhook", {"action": "ANNOTATIONS_DELETED", "project": {"id": 1},
+                                             "annotations": [{"id": 21}, {"id": 22}]})
+    assert deleted.json()["forgotten"] == 0
+    post(url + "/s3cret/webhook", forged("ANNOTATION_CREATED", 21, label="circle"))
+    backend.learning.jobs.wait(60)
+    assert learned(backend) == {"circle"}
+
+
+def test_basic_auth_with_url_secret_still_learns(serve):
+    """Before: with Basic Auth on, Label Studio's own webhook (no credentials) got 401 and learning stopped
+    silently (verified failing before the fix: no way to authenticate it). Label Studio 1.23.2 creates the
+    webhook at <model URL>/webhook with no headers, so the URL secret rides along."""
+    import requests
+
+    url, backend = serve(BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="pw", URL_SECRET="s3cret")
+    assert post(url + "/webhook", forged("ANNOTATION_CREATED", 31)).status_code == 401
+    assert post(url + "/s3cret/webhook", forged("ANNOTATION_CREATED", 31, label="circle")).status_code == 201
+    backend.learning.jobs.wait(60)
+    assert learned(backend) == {"circle"}
+    assert requests.get(url + "/health", timeout=5).status_code == 200
+
+
+def test_basic_auth_without_a_way_for_webhooks_warns_at_setup(serve):
+    url, _ = serve(BASIC_AUTH_USER="ls", BASIC_AUTH_PASS="pw")
+    answer = post(url + "/setup", {"project": "1.1", "schema": LEARN_CONFIG}, auth=("ls", "pw")).json()
+    assert any("webhooks carry no Basic Auth" in w for w in answer["warnings"])
+
+
+class LabelStudioAPI:
+    """Label Studio's API for one project, one task, one annotation (id 1: a square), with a legacy token."""
+
+    def __call__(self, request):
+        if request.headers.get("Authorization") != f"Token {LEGACY_TOKEN}":
+            return request.reply(401)
+        path = request.path.rstrip("/")
+        found = {"/api/projects/1": {"id": 1, "label_config": LEARN_CONFIG},
+                 "/api/tasks/5": {**TASK, "project": 1},
+                 "/api/annotations/1": {"id": 1, "task": 5, "result": box("square"),
+                                        "updated_at": "2026-01-01T00:00:00Z"}}.get(path)
+        if found is None:
+            return request.reply(404, b'{"detail": "Not found."}')
+        request.reply(200, json.dumps(found).encode(), Content_Type="application/json")
+
+
+@pytest.fixture
+def ls_api():
+    server = Server(LabelStudioAPI())
+    yield server
+    server.close()
