@@ -176,6 +176,12 @@ def test_address_kinds(address, kind):
 
 
 # ---------------------------------------------------------------- 4: no code from Redis, no secrets in jobs
+def clear_rq(connection) -> None:
+    """Forget every RQ key (jobs, queues) of the test database; its claim key stays."""
+    for key in connection.scan_iter("rq:*"):
+        connection.delete(key)
+
+
 class _RunsCodeWhenUnpickled:
     def __init__(self, marker: str):
         self.marker = marker
@@ -196,6 +202,7 @@ def test_crafted_pickled_job_in_redis_runs_no_code(redis_url, tmp_path):
 
     from backend.jobs import QUEUE_NAME, WORKER_OPTIONS
 
+    clear_rq(redis.Redis.from_url(redis_url))
     marker = tmp_path / "pwned"
     Queue(QUEUE_NAME, connection=redis.Redis.from_url(redis_url)).enqueue("builtins.len",
                                                                          _RunsCodeWhenUnpickled(str(marker)))
@@ -205,7 +212,7 @@ def test_crafted_pickled_job_in_redis_runs_no_code(redis_url, tmp_path):
                          cwd=repo, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)},
                          capture_output=True, text=True, timeout=120)
     assert not marker.exists(), out.stdout[-2000:] + out.stderr[-2000:]
-    redis.Redis.from_url(redis_url).flushdb()
+    clear_rq(redis.Redis.from_url(redis_url))
 
 
 def test_learning_jobs_in_redis_carry_no_token(redis_url, tmp_path):
@@ -217,6 +224,7 @@ def test_learning_jobs_in_redis_carry_no_token(redis_url, tmp_path):
     from backend.learning import Learning
     from backend.store import open_store
 
+    clear_rq(redis.Redis.from_url(redis_url))
     secret = "setup-access-token-" + "x" * 20
     images = ImageFetcher()
     images.use_setup_values("http://label-studio.example:8080", secret)
@@ -229,7 +237,7 @@ def test_learning_jobs_in_redis_carry_no_token(redis_url, tmp_path):
     connection = redis.Redis.from_url(redis_url)
     [key] = connection.keys("rq:job:*")
     data = zlib.decompress(connection.hget(key, "data"))
-    connection.flushdb()
+    clear_rq(connection)
     assert secret.encode() not in data
     assert json.loads(data)[2][1]["project"] == 1     # JSON (function, instance, args, kwargs), not a pickle
 
