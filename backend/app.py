@@ -1,8 +1,7 @@
 """The HTTP face of the backend: Label Studio's ML backend routes, every error as JSON.
 
 ``create_app()`` builds a Flask app around one ``ClipBackend`` (models load here, once per process).
-Run it with ``gunicorn --preload --workers 1 --threads 8 --timeout 0 backend.wsgi:app`` or
-``python -m backend serve``.
+Run it with ``python -m backend serve`` (waitress), or ``backend.wsgi:app`` under any WSGI server.
 """
 from __future__ import annotations
 
@@ -13,12 +12,14 @@ import time
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .config import Settings
+from .config import Settings, demo_from_env
 from .studio.label_config import LabelConfigError
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 50 * 1024 * 1024
 MAX_CONFIG_CHARS = 2 * 1024 * 1024   # real labeling configs are kilobytes; parsed configs are cached per process
+CHANNEL_TIMEOUT_S = 60    # waitress closes a connection idle (or sending nothing) this long
+CONNECTION_LIMIT = 1000   # open client connections at most; each costs a socket, not a thread
 
 
 SECRET_SEEN = "clip_ls.url_secret"
@@ -180,21 +181,17 @@ def _project_label_config(tasks: list[dict]) -> str | None:
 
 
 def serve(args) -> int:
-    """``python -m backend serve``: gunicorn with upstream's conventions, embedded defaults, no Redis needed."""
-    from gunicorn.app.base import BaseApplication
+    """``python -m backend serve``: waitress, one process (models load once), ``--threads`` request threads.
 
-    settings = Settings.from_env(demo=args.demo)
+    waitress reads and buffers each request in its I/O loop and hands only complete requests to the threads,
+    so slow or half-open client connections cannot take the threads that /health needs (measured by
+    ``bench/slowloris.py``; thread-per-connection servers such as gunicorn's sync/gthread workers stall)."""
+    import waitress
+
+    settings = Settings.from_env(demo=args.demo or demo_from_env())
     app = create_app(settings)
-
-    class _Server(BaseApplication):
-        def load_config(self):
-            for key, value in {"bind": f"{args.host}:{args.port}", "workers": 1, "threads": args.threads,
-                               "timeout": 0, "accesslog": "-", "loglevel": settings["LOG_LEVEL"].lower(),
-                               "control_socket_disable": True}.items():  # one per host: backends would collide
-                self.cfg.set(key, value)
-
-        def load(self):
-            return app
-
-    _Server().run()
+    log.info("serving on http://%s:%d (%d threads)", args.host, args.port, args.threads)
+    waitress.serve(app, host=args.host, port=args.port, threads=args.threads, ident="clip-ls",
+                   channel_timeout=CHANNEL_TIMEOUT_S, connection_limit=CONNECTION_LIMIT,
+                   max_request_body_size=MAX_BODY_BYTES)
     return 0

@@ -65,7 +65,7 @@ def _parse(kind: type, raw: str) -> Any:
 
 
 def demo_from_env(environ: Mapping[str, str] | None = None) -> bool:
-    """``DEMO=true`` (gunicorn, RQ workers): the bundled tiny models."""
+    """``DEMO=true`` (a WSGI server importing backend.wsgi, RQ workers): the bundled tiny models."""
     return _parse(bool, (os.environ if environ is None else environ).get("DEMO", ""))
 
 

@@ -1,9 +1,9 @@
-"""Load on the real server: concurrent /predict + /webhook + /health against gunicorn, loopback only, bounded.
+"""Load on the real server: concurrent /predict + /webhook + /health against waitress, loopback only, bounded.
 
     python bench/load.py [--seconds 30] [--max-requests 5000] [--predict-clients 4] [--webhook-clients 2]
                          [--health-clients 2] [--tasks 2] [--images 24]
 
-Starts ``python -m backend serve --demo`` (gunicorn, one worker, 8 threads, the bundled tiny models) on a free
+Starts ``python -m backend serve --demo`` (waitress, one process, 8 threads, the bundled tiny models) on a free
 port of 127.0.0.1 with images under LOCAL_FILES_DOCUMENT_ROOT, measures /health alone for a few seconds (the
 baseline), then runs client threads for ``--seconds`` or until ``--max-requests`` answers, whichever comes first:
 /predict with ``--tasks`` tasks each (repeated images, so the feature cache serves many), /webhook with
@@ -40,6 +40,7 @@ LABELS = "".join(f'<Label value="{s}"/>' for s in KNOWN_SHAPES)
 CONFIG = (f'<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">{LABELS}'
           f'</RectangleLabels></View>')
 TIMEOUT_S = 120.0
+SECRET = "bench-url-secret"
 
 
 def free_port() -> int:
@@ -121,9 +122,10 @@ def main() -> int:
         scene.image.resize((args.size, args.size)).save(images / f"scene_{i}.png")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "LABEL_STUDIO_URL", "BASIC_AUTH_USER")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("REDIS_URL", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "URL_SECRET")}
     env.update(LOCAL_FILES_DOCUMENT_ROOT=str(images), MODEL_DIR=str(work / "state"), TORCH_THREADS="2",
-               LOG_LEVEL="WARNING", PYTHONPATH=str(REPO))
+               LOG_LEVEL="WARNING", PYTHONPATH=str(REPO), URL_SECRET=SECRET)   # webhooks are believed under it
     log = open(work / "server.log", "wb")
     server = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--demo", "--host", "127.0.0.1", "--port",
                                str(port), "--threads", str(args.threads)], cwd=REPO, env=env, stdout=log,
@@ -205,7 +207,7 @@ def run(args, server: subprocess.Popen, url: str, work: Path) -> int:
                     response = own.get(url + route, timeout=TIMEOUT_S)
                 else:
                     body = predict_body(rng) if route == "/predict" else webhook_body(rng)
-                    response = own.post(url + route, data=json.dumps(body), timeout=TIMEOUT_S,
+                    response = own.post(f"{url}/{SECRET}{route}", data=json.dumps(body), timeout=TIMEOUT_S,
                                         headers={"Content-Type": "application/json"})
                 if not response.ok:
                     error = f"HTTP {response.status_code}: {response.text[:100]}"

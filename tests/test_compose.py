@@ -15,7 +15,6 @@ from backend.jobs import QUEUE_NAME as QUEUE   # the queue the backend enqueues 
 
 COMPOSE_FILE = Path(__file__).resolve().parents[1] / "docker-compose.yml"
 
-WSGI_APP = "backend.wsgi:app"
 # Settings the backend and the worker must receive (names read by backend/config.py).
 BACKEND_ENV = (
     "LABEL_STUDIO_URL",
@@ -73,12 +72,9 @@ def test_backend(services):
     assert "build" in backend
     assert 9090 in _container_ports(backend)
     command = _command(backend)
-    assert command[0] == "gunicorn"
-    assert command[-1] == WSGI_APP
-    assert "--preload" in command
-    assert command[command.index("--workers") + 1] == "1"
-    assert command[command.index("--timeout") + 1] == "0"
-    assert command[command.index("--bind") + 1] == "0.0.0.0:9090"
+    assert command[:4] == ["python", "-m", "backend", "serve"]   # waitress: slow clients cannot starve /health
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    assert command[command.index("--port") + 1] == "9090"
     assert any(str(v).endswith(":/models") for v in backend["volumes"])
 
 

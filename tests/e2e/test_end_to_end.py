@@ -105,12 +105,12 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def start_backend(tmp_path_factory, name: str, ls, api_key: str, e2e_timings, wsgi: bool = False) -> BackendProcess:
-    """`python -m backend serve --demo`, or with `wsgi` `gunicorn --preload backend.wsgi:app` with DEMO=true."""
+    """`python -m backend serve --demo`, or with `wsgi` `python -m waitress backend.wsgi:app` with DEMO=true."""
     backend = BackendProcess(
         tmp_path_factory.mktemp(name), env={"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": api_key}, wsgi=wsgi
     )
     backend.start()
-    e2e_timings(f"backend {name} ({'gunicorn backend.wsgi:app' if wsgi else 'python -m backend serve'})"
+    e2e_timings(f"backend {name} ({'waitress backend.wsgi:app' if wsgi else 'python -m backend serve'})"
                 f" {backend.url} pid {backend.pid}: start (models loaded, /health) "
                 f"{backend.timings['start_s']:.1f} s")  # fmt: skip
     return backend
@@ -452,7 +452,7 @@ def test_personal_access_token_with_legacy_tokens_off(label_studio, demo_data, t
     Last in the module: it switches an organisation-wide setting (restored on exit)."""
     ls = label_studio
     with ls.legacy_tokens_off() as pat:
-        # The other entry point: gunicorn --preload backend.wsgi:app (DEMO=true), as in the README / Dockerfile.
+        # The other entry point: backend.wsgi:app under a WSGI server (waitress, DEMO=true).
         backend = start_backend(tmp_path_factory, "personal-access-token", ls, pat, e2e_timings, wsgi=True)
         try:
             images = sorted((demo_data / "images").glob("*.png"))[:4]
