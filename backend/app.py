@@ -109,6 +109,9 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
     def webhook():
         body = _json_object()
         event = _field(body, "action", str)
+        project = body.get("project")
+        if isinstance(project, dict) and isinstance(project.get("label_config"), str):
+            _config(project["label_config"])   # the same limit as /setup and /predict
         answer = backend.fit(event, body, authenticated=request.environ[AUTHENTICATED])
         return jsonify(answer), 403 if answer.get("status") == "refused" else 201
 

@@ -33,6 +33,7 @@ SETTINGS: tuple[tuple[str, type, Any, str], ...] = (
     ("PROMPT_TEMPLATE", str, DEFAULT_TEMPLATE, "default prompt template(s) for labels without prompts; `;` separates several (averaged)"),
     ("BACKGROUND_PROMPTS", str, ";".join(DEFAULT_BACKGROUND), "default background prompt(s), `;`-separated; regions won by one are dropped"),
     ("CLIP_BATCH_SIZE", int, 32, "crops per CLIP forward pass"),
+    ("MAX_LABELS", int, 1000, "most labels in one control; a config with more is refused (400 naming the limit)"),
     ("LABEL_STUDIO_URL", str, "", "Label Studio base URL for image downloads and its API; empty = /setup's hostname (only without LABEL_STUDIO_API_KEY)"),
     ("LABEL_STUDIO_API_KEY", str, "", "legacy token or personal access token, sent only to LABEL_STUDIO_URL (required with it); empty = /setup's access_token"),
     ("LOCAL_FILES_DOCUMENT_ROOT", str, "", "read /data/local-files/ images from this directory when shared with LS"),

@@ -47,7 +47,8 @@ from .labeling.prompts import LabelSet
 from .labeling.proposals import ProposalSettings
 from .store import Change, Store, open_store
 from .studio.images import ImageFetchError, ImageFetcher, NotFound
-from .studio.label_config import ProjectConfig, TaskDataError, parse_label_config
+from .studio.label_config import (DEFAULT_MAX_LABELS, LabelConfigError, ProjectConfig, TaskDataError,
+                                  parse_label_config)
 from .studio.results import regions_from_results
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ class Learning:
         if settings["REDIS_URL"]:
             jobs = RQJobs(settings["REDIS_URL"])
         else:
-            jobs = InProcessJobs(Learner(labeler, store, fetcher, space, lock, settings["MAX_IMAGE_PIXELS"]).run)
+            jobs = InProcessJobs(Learner(labeler, store, fetcher, space, lock, settings["MAX_IMAGE_PIXELS"],
+                                         settings["MAX_LABELS"]).run)
         return cls(store, jobs, space, labeler.clip, fetcher, settings.demo)
 
     # ------------------------------------------------------------------ predictions
@@ -229,19 +231,20 @@ class Learner:
     """The working side: turns annotations into stored memory records."""
 
     def __init__(self, labeler: Labeler, store: Store, fetcher: ImageFetcher, space: str, lock=None,
-                 max_pixels: int = 40_000_000):
+                 max_pixels: int = 40_000_000, max_labels: int = DEFAULT_MAX_LABELS):
         self.labeler = labeler
         self.store = store
         self.fetcher = fetcher
         self.space = space
         self.lock = lock or threading.Lock()
         self.max_pixels = max_pixels
+        self.max_labels = max_labels
 
     @classmethod
     def from_settings(cls, settings, labeler: Labeler) -> "Learner":
         """For an RQ worker: the store and image access from the same settings as the backend."""
         return cls(labeler, open_store(settings), ImageFetcher.from_settings(settings),
-                   embedding_space(settings.model_spec()), max_pixels=settings["MAX_IMAGE_PIXELS"])
+                   embedding_space(settings.model_spec()), max_pixels=settings["MAX_IMAGE_PIXELS"], max_labels=settings["MAX_LABELS"])
 
     def run(self, kind: str, payload: dict):
         if payload.get("space") not in (None, self.space):
@@ -250,15 +253,16 @@ class Learner:
         project = payload["project"]
         if self.fetcher.trusts_label_studio:   # believe Label Studio, not the webhook
             try:
-                config = parse_label_config(self.fetcher.get_json(f"/api/projects/{project}/")["label_config"])
-            except (ImageFetchError, KeyError, TypeError) as error:
+                config = parse_label_config(self.fetcher.get_json(f"/api/projects/{project}/")["label_config"],
+                                            max_labels=self.max_labels)
+            except (ImageFetchError, LabelConfigError, KeyError, TypeError) as error:
                 log.warning("project %s: cannot read its labeling config from Label Studio: nothing learned: %s",
                             project, error)
                 return None
             if kind == "learn":
                 return self.learn(project, config, list(self._from_label_studio(project, payload["items"])))
         else:
-            config = parse_label_config(payload["label_config"])
+            config = parse_label_config(payload["label_config"], max_labels=self.max_labels)
         if kind == "learn":
             return self.learn(payload["project"], config, payload["items"])
         if kind == "rebuild":

@@ -23,7 +23,7 @@ from .labeling.pipeline import ImageFeatures, Labeler, needed_features
 from .labeling.prompts import LabelSet, PromptDefaults
 from .learning import Learning
 from .studio.images import ImageFetchError, ImageFetcher
-from .studio.label_config import ProjectConfig, TaskDataError, parse_label_config
+from .studio.label_config import DEFAULT_MAX_LABELS, ProjectConfig, TaskDataError, parse_label_config
 from .studio.results import context_regions, prediction_for_task
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ os.register_at_fork(after_in_child=_rebuild_torch_thread_pool)
 
 
 @lru_cache(maxsize=64)
-def project_config(xml: str, defaults: PromptDefaults) -> ProjectConfig:
-    return parse_label_config(xml, defaults)
+def project_config(xml: str, defaults: PromptDefaults, max_labels: int = DEFAULT_MAX_LABELS) -> ProjectConfig:
+    return parse_label_config(xml, defaults, max_labels)
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class ClipBackend:
 
     def setup(self, label_config: str, project=None, hostname: str | None = None,
               access_token: str | None = None) -> dict:
-        config = project_config(label_config, self.settings.prompt_defaults)
+        config = project_config(label_config, self.settings.prompt_defaults, self.settings["MAX_LABELS"])
         self.fetcher.use_setup_values(hostname, access_token)
         answer = {"model_version": self.model_version(config, project)}
         warnings = [f"label config: {problem}" for problem in config.problems]
@@ -106,7 +106,7 @@ class ClipBackend:
 
     # ------------------------------------------------------------------ predict
     def predict(self, tasks: list[dict], label_config: str, project=None, context: dict | None = None) -> list[dict]:
-        config = project_config(label_config, self.settings.prompt_defaults)
+        config = project_config(label_config, self.settings.prompt_defaults, self.settings["MAX_LABELS"])
         version = self.model_version(config, project)
         regions = context_regions(context)
         if regions:
@@ -121,7 +121,7 @@ class ClipBackend:
     def predict_each(self, tasks: list[dict], label_config: str, project=None) -> tuple[str, list[tuple[dict, str | None]]]:
         """The bulk path (``backend.preannotate``): every task, no time budget. Returns the model version and,
         per task, its prediction and the reason it has none (None when it has one)."""
-        config = project_config(label_config, self.settings.prompt_defaults)
+        config = project_config(label_config, self.settings.prompt_defaults, self.settings["MAX_LABELS"])
         version = self.model_version(config, project)
         return version, self._predict_tasks(tasks, config, version, project)
 

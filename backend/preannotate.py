@@ -287,8 +287,8 @@ def probe_version(run: dict) -> str:
     from .model import project_config
 
     backend = worker_backend(run.get("ls_url"), bool(run.get("demo")))
-    return backend.model_version(project_config(run["label_config"], backend.settings.prompt_defaults),
-                                 run["project"])
+    config = project_config(run["label_config"], backend.settings.prompt_defaults, backend.settings["MAX_LABELS"])
+    return backend.model_version(config, run["project"])
 
 
 def run_chunk(run: dict, tasks: list[dict]) -> dict:
@@ -315,7 +315,8 @@ def process_chunk(backend, api: LabelStudioAPI, state: RunState, run: dict, task
     if started_before:
         from .model import project_config
 
-        config = project_config(run["label_config"], backend.settings.prompt_defaults)
+        config = project_config(run["label_config"], backend.settings.prompt_defaults,
+                                backend.settings["MAX_LABELS"])
         ours = {run["version"], backend.model_version(config, run["project"])}
         settled = set()
         for task in [t for t in todo if t["id"] in started_before]:

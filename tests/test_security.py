@@ -418,3 +418,56 @@ def test_half_open_connections_do_not_stall_health():
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert re.match(r"slowloris: 5/5 /health answered under 8 slow connections", run.stdout.splitlines()[-1])
+
+
+# ---------------------------------------------------------------- 8: a server dripping header bytes
+def test_header_dripping_server_cannot_hold_a_fetch_past_its_deadline(ls, servers):
+    """Before: with IMAGE_TIMEOUT=3 a server sending a header byte at a time held the fetch 25 s (each read
+    met its own timeout) (verified by reasoning: main's deadline was only checked while reading the body)."""
+    stop = threading.Event()
+
+    def drip(request):
+        request.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        while not stop.wait(0.1):
+            request.wfile.write(b"x")
+            request.wfile.flush()
+
+    dripping = Server(drip)
+    try:
+        started = time.monotonic()
+        message = refused(fetcher(ls, IMAGE_TIMEOUT="1", ALLOW_PRIVATE_HOSTS="127.0.0.1"), dripping.url + "/a.png")
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        dripping.close()
+    assert "timed out after 1 s" in message and elapsed < 4   # 1 s deadline; the server would drip for ever
+
+
+# ---------------------------------------------------------------- 10: huge label sets
+def test_ten_thousand_labels_are_refused_naming_the_limit(serve):
+    """Before: a config with 10,000 labels was accepted and one text batch held inference for 5 s, its
+    embeddings cached for ever (verified failing before the fix: /setup answered 200)."""
+    url, _ = serve(URL_SECRET="s3cret")
+    labels = "".join(f'<Label value="thing {i}"/>' for i in range(10_000))
+    config = f'<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">{labels}' \
+             '</RectangleLabels></View>'
+    for route, body in (("/setup", {"project": "1.1", "schema": config}),
+                        ("/predict", {"tasks": [TASK], "label_config": config}),):
+        answer = post(f"{url}/s3cret{route}", body)
+        assert answer.status_code == 400 and "10000 labels, above the limit of 1000 (MAX_LABELS)" in answer.json()["error"]
+
+
+def test_text_embeddings_are_batched_and_their_cache_bounded(labeler, monkeypatch):
+    from backend.labeling import clip as clip_module
+
+    clip = labeler.clip
+    monkeypatch.setattr(clip_module, "TEXT_BATCH", 4)
+    sizes = []
+    original = clip.model.get_text_features
+    monkeypatch.setattr(clip.model, "get_text_features", lambda **t: sizes.append(len(t["input_ids"])) or original(**t))
+    monkeypatch.setattr(clip, "_text_cache", clip_module.LRUCache(12, getsizeof=len))
+    first = tuple(f"a photo of thing {i}" for i in range(10))
+    embedded = clip.embed_prompts(first)
+    assert embedded.shape[0] == 10 and sizes == [4, 4, 2]
+    clip.embed_prompts(tuple(f"a photo of other {i}" for i in range(5)))   # evicts the first tuple
+    assert clip._text_cache.currsize <= 12 and first not in clip._text_cache
