@@ -16,6 +16,7 @@ from .config import Settings, demo_from_env
 from .studio.label_config import LabelConfigError
 
 log = logging.getLogger(__name__)
+access = logging.getLogger("backend.access")
 MAX_BODY_BYTES = 50 * 1024 * 1024
 MAX_CONFIG_CHARS = 2 * 1024 * 1024   # real labeling configs are kilobytes; parsed configs are cached per process
 CHANNEL_TIMEOUT_S = 60    # waitress closes a connection idle (or sending nothing) this long
@@ -73,6 +74,13 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
         response = jsonify(error="authentication required (HTTP Basic Auth)")
         response.status_code = 401
         response.headers["WWW-Authenticate"] = 'Basic realm="clip-ls"'
+        return response
+
+    @app.after_request
+    def access_log(response):
+        """One line per request (the path without URL_SECRET's prefix: the log never holds a secret)."""
+        access.info('%s "%s %s %s" %s', request.remote_addr, request.method, request.path,
+                    request.environ.get("SERVER_PROTOCOL", "HTTP/1.1"), response.status_code)
         return response
 
     @app.get("/")

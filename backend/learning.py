@@ -86,6 +86,7 @@ class Learning:
         self.fetcher = fetcher
         self.demo = demo
         self.adapter = adapter
+        self._checked: set[int] = set()   # projects whose stored memory /setup has looked for
 
     @classmethod
     def for_backend(cls, settings, labeler: Labeler, fetcher: ImageFetcher, lock=None) -> "Learning":
@@ -194,6 +195,21 @@ class Learning:
             return {"status": "ignored", "event": event, "reason": "no annotation to learn from (cancelled?)"}
         job = self.jobs.submit("learn", payload | {"items": live})
         return {"status": "queued", "event": event, "job": job, "annotations": len(live)}
+
+    def rebuild_if_missing(self, project) -> bool:
+        """Once per project and process, at /setup: when the store holds no memory for the project (a Redis that
+        died without persistence, a new machine) but Label Studio's API is at hand, rebuild it from there rather
+        than silently predicting zero-shot. Returns whether a rebuild was queued."""
+        project_id = project_id_of(project)
+        if project_id is None or not self.reads_label_studio or project_id in self._checked:
+            return False
+        self._checked.add(project_id)
+        if self.store.revision(project_id, self.space):
+            return False
+        log.info("project %s: no learned memory in the store: rebuilding it from Label Studio's annotations",
+                 project_id)
+        self.jobs.submit("rebuild", {"project": project_id, "space": self.space, "demo": self.demo})
+        return True
 
     @property
     def reads_label_studio(self) -> bool:

@@ -89,6 +89,7 @@ class ClipBackend:
               access_token: str | None = None) -> dict:
         config = project_config(label_config, self.settings.prompt_defaults, self.settings["MAX_LABELS"])
         self.fetcher.use_setup_values(hostname, access_token)
+        self.learning.rebuild_if_missing(project)
         answer = {"model_version": self.model_version(config, project)}
         warnings = [f"label config: {problem}" for problem in config.problems]
         if not self.reads_annotations_from_label_studio and not self.settings["URL_SECRET"]:

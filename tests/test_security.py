@@ -329,14 +329,29 @@ def test_forged_annotation_webhooks_change_nothing(serve):
 
 def test_forged_webhooks_with_label_studio_configured_learn_only_what_it_holds(serve, ls_api):
     """With Label Studio's API: the webhook's result is ignored; the annotation is read by id."""
+    ls_api.listed = False   # /api/tasks lists nothing: no rebuild teaches anything here
     url, backend = serve(LABEL_STUDIO_URL=ls_api.url, LABEL_STUDIO_API_KEY=LEGACY_TOKEN)
     before = version(url)
+    backend.learning.jobs.wait(60)
     assert post(url + "/webhook", forged("ANNOTATION_CREATED", 404404)).status_code == 201   # LS lacks it
     backend.learning.jobs.wait(60)
     assert version(url) == before
     post(url + "/webhook", forged("ANNOTATION_CREATED", 1, label="star"))   # real id, forged result
     backend.learning.jobs.wait(60)
     assert version(url) != before and learned(backend) == {"square"}     # what Label Studio holds
+
+
+def test_lost_memory_is_rebuilt_from_label_studio(serve, ls_api, caplog):
+    """Before: after Redis lost its data (no persistence), the backend silently predicted zero-shot (verified
+    failing before the fix: nothing rebuilt at /setup)."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="backend.learning")
+    url, backend = serve(LABEL_STUDIO_URL=ls_api.url, LABEL_STUDIO_API_KEY=LEGACY_TOKEN)   # an empty store
+    version(url)
+    backend.learning.jobs.wait(60)
+    assert learned(backend) == {"square"}
+    assert "no learned memory in the store: rebuilding it" in caplog.text
 
 
 def test_far_future_stamp_does_not_beat_real_updates(serve):
@@ -383,16 +398,23 @@ def test_basic_auth_without_a_way_for_webhooks_warns_at_setup(serve):
 
 
 class LabelStudioAPI:
-    """Label Studio's API for one project, one task, one annotation (id 1: a square), with a legacy token."""
+    """Label Studio's API for one project, one task, one annotation (id 1: a square), with a legacy token;
+    /api/tasks lists the task with its annotation when ``listed``."""
+
+    listed = True
 
     def __call__(self, request):
+        from urllib.parse import urlsplit
+
         if request.headers.get("Authorization") != f"Token {LEGACY_TOKEN}":
             return request.reply(401)
-        path = request.path.rstrip("/")
+        path = urlsplit(request.path).path.rstrip("/")
+        annotation = {"id": 1, "task": 5, "result": box("square"), "updated_at": "2026-01-01T00:00:00Z"}
+        tasks = [{**TASK, "project": 1, "annotations": [annotation]}] if self.listed else []
         found = {"/api/projects/1": {"id": 1, "label_config": LEARN_CONFIG},
                  "/api/tasks/5": {**TASK, "project": 1},
-                 "/api/annotations/1": {"id": 1, "task": 5, "result": box("square"),
-                                        "updated_at": "2026-01-01T00:00:00Z"}}.get(path)
+                 "/api/annotations/1": annotation,
+                 "/api/tasks": {"tasks": tasks, "total": len(tasks)}}.get(path)
         if found is None:
             return request.reply(404, b'{"detail": "Not found."}')
         request.reply(200, json.dumps(found).encode(), Content_Type="application/json")
@@ -400,8 +422,10 @@ class LabelStudioAPI:
 
 @pytest.fixture
 def ls_api():
-    server = Server(LabelStudioAPI())
-    yield server
+    api = LabelStudioAPI()
+    server = Server(api)
+    api.url = server.url
+    yield api
     server.close()
 
 

@@ -107,7 +107,9 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def start_backend(tmp_path_factory, name: str, ls, api_key: str, e2e_timings, wsgi: bool = False) -> BackendProcess:
     """`python -m backend serve --demo`, or with `wsgi` `python -m waitress backend.wsgi:app` with DEMO=true."""
     backend = BackendProcess(
-        tmp_path_factory.mktemp(name), env={"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": api_key}, wsgi=wsgi
+        tmp_path_factory.mktemp(name), wsgi=wsgi,
+        # the tasks' external images are served on 127.0.0.1 too: private, so listed
+        env={"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": api_key, "ALLOW_PRIVATE_HOSTS": "127.0.0.1"}
     )
     backend.start()
     e2e_timings(f"backend {name} ({'waitress backend.wsgi:app' if wsgi else 'python -m backend serve'})"
@@ -395,6 +397,21 @@ def test_predictions_for_remaining_tasks_improve_and_carry_new_version(
           f"\n[learning] {v1}: {report(new)}; novel shapes: {report(new_novel)}")  # fmt: skip
     assert new_novel.correct_labels > old_novel.correct_labels, (report(old_novel), report(new_novel))
     assert labelled_recall(new) > labelled_recall(old), (report(old), report(new))
+
+    # Forged webhooks (no Label Studio involved, results claiming every box a star, stamped far in the future)
+    # change nothing: the backend reads annotations from Label Studio's API, which has no such ids.
+    config = ls.project(state.project_id)["label_config"]
+    mark = backend.log_mark()
+    for n, task in enumerate(remaining[:15]):
+        forged = {"action": "ANNOTATION_CREATED", "project": {"id": state.project_id, "label_config": config},
+                  "task": task, "annotation": {"id": 10**9 + n, "task": task["id"], "updated_at": "9999-01-01",
+                                               "result": truth_result([("star", (0, 0, 80, 80))])}}
+        assert requests.post(backend.url + "/webhook", json=forged, timeout=10).status_code == 201
+    backend.wait_for_log(rf"annotation {10**9 + min(14, len(remaining) - 1)} is not in Label Studio", since=mark,
+                         timeout=60)
+    setup = requests.post(backend.url + "/setup", json={"project": f"{state.project_id}.1", "schema": config},
+                          timeout=30).json()
+    assert setup["model_version"] == v1, "forged webhooks changed the model"
 
 
 def truth_result(truth: list[tuple[str, tuple]], size: int = 160) -> list[dict]:
