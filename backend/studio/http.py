@@ -98,8 +98,7 @@ class Answer:
     status: int
     headers: Mapping[str, str]
     body: bytes
-    url: str           # the last hop's URL
-    origin: Origin
+    origin: Origin     # the last hop's
     authorized: bool   # whether the credentials went with this (last) hop
 
 
@@ -204,13 +203,15 @@ def _one(target: Target, guard: Guard, method: str, body: bytes | None, headers:
             if time.monotonic() >= deadline:   # the watchdog shut the socket: what came is not the whole body
                 raise TimedOut(f"timed out after {timeout:g} s")
         return Answer(response.status, {k.lower(): v for k, v in response.headers.items()}, bytes(data),
-                      target.url, origin, authorized)
+                      origin, authorized)
     except (OSError, urllib3.exceptions.HTTPError, ValueError) as error:
         timed_out = isinstance(error, (TimeoutError, urllib3.exceptions.TimeoutError)) and not isinstance(
             error, urllib3.exceptions.NewConnectionError)   # which subclasses ConnectTimeoutError, for history
         if timed_out or time.monotonic() >= deadline:
             raise TimedOut(f"timed out after {timeout:g} s") from None
-        raise Unreachable(f"cannot reach {origin.host}:{origin.port} ({_reason(error)})") from None
+        where = f"{origin.host}:{origin.port}"
+        raise Unreachable(f"the connection to {where} broke ({_reason(error)})" if len(sockets) > 1
+                          else f"cannot reach {where} ({_reason(error)})") from None
     finally:
         watchdog.cancel()
         conn.close()

@@ -498,6 +498,28 @@ def test_personal_access_token_with_legacy_tokens_off(label_studio, demo_data, t
     assert ls.jwt_settings()["legacy_api_tokens_enabled"] is True
 
 
+def test_basic_auth_and_url_secret_still_learn(label_studio, demo_data, image_server, tmp_path_factory):
+    """Basic Auth on and no Label Studio key in the backend: Label Studio sends Basic Auth with /setup and
+    /predict, but its auto-created webhook (<model URL>/webhook) carries none; under URL_SECRET the model URL
+    holds the secret, so corrections still reach the learner, and a webhook without it is refused."""
+    ls = label_studio
+    env = {"BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "pw", "URL_SECRET": "e2e-secret",
+           "ALLOW_PRIVATE_HOSTS": "127.0.0.1"}
+    with BackendProcess(tmp_path_factory.mktemp("basic-auth"), env=env) as backend:
+        image = sorted((demo_data / "images").glob("*.png"))[0]
+        project = ls.create_project("e2e basic auth", (demo_data / "label_config.xml").read_text())
+        ls.import_tasks(project["id"], [{"image": f"{image_server}/{image.name}"}])
+        [task] = ls.tasks(project["id"])
+        ml = ls.connect_ml_backend(project["id"], backend.url + "/e2e-secret", auth_method="BASIC_AUTH",
+                                   basic_auth_user="ls", basic_auth_pass="pw")
+        assert ls.ml_backend(ml["id"])["state"] == "CO"
+        assert not requests.post(backend.url + "/setup", json={}, timeout=10).ok   # no secret, no Basic Auth
+        mark = backend.log_mark()
+        ls.create_annotation(task["id"], truth_result([("circle", (20, 20, 70, 70))]))
+        backend.wait_for_log(r"project \d+: learned from 1 annotation", since=mark, timeout=60)
+        assert backend.log_lines(r'"POST /webhook HTTP/1\.[01]" 201', since=mark), backend.log_tail()
+
+
 def test_backend_stops_cleanly(backend):
     """The helper stops the process it started, by PID."""
     pid = backend.pid
