@@ -9,7 +9,7 @@ baseline), then runs client threads for ``--seconds`` or until ``--max-requests`
 /predict with ``--tasks`` tasks each (repeated images, so the feature cache serves many), /webhook with
 ANNOTATION_CREATED events (learning jobs run in the server's job thread), /health as Label Studio polls it.
 Every request is counted: an answer other than 2xx, a timeout or a broken connection is "lost". The server's
-resident memory (arbiter + worker) is sampled every 0.2 s. Prints requests/s, p50/p99 per route and peak RSS;
+resident memory (its process tree) is sampled every 0.2 s. Prints requests/s, p50/p99 per route and peak RSS;
 the last line is the summary. The server is stopped by its PID at the end.
 """
 from __future__ import annotations
@@ -55,8 +55,8 @@ def _kib(path: str, field: str) -> int:
 
 
 def memory(pid: int) -> tuple[int, int]:
-    """(PSS of the process tree, largest RSS of one process), bytes. gunicorn --preload forks its worker from
-    the arbiter, so their RSS share pages; the PSS sum counts each shared page once."""
+    """(PSS of the process tree, largest RSS of one process), bytes. The PSS sum counts each page shared
+    between processes once."""
     pss = rss = 0
     todo, seen = [pid], set()
     while todo:
@@ -256,7 +256,7 @@ def run(args, server: subprocess.Popen, url: str, work: Path) -> int:
             print(f"    lost on {route}: {reason}")
     print(f"| /health idle (baseline) | 100 | 0 | | {figures['health_idle_p50_ms']:.1f} | "
           f"{figures['health_idle_p99_ms']:.1f} | |")
-    print(f"server memory (PSS, arbiter + worker): {mem_start[0] / 2**20:.0f} MiB at start, {mem_peak[0] / 2**20:.0f} "
+    print(f"server memory (PSS of the process tree): {mem_start[0] / 2**20:.0f} MiB at start, {mem_peak[0] / 2**20:.0f} "
           f"MiB peak; largest process RSS peak {mem_peak[1] / 2**20:.0f} MiB; still serving after the load: {alive}")
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1))
