@@ -495,3 +495,42 @@ def test_text_embeddings_are_batched_and_their_cache_bounded(labeler, monkeypatc
     assert embedded.shape[0] == 10 and sizes == [4, 4, 2]
     clip.embed_prompts(tuple(f"a photo of other {i}" for i in range(5)))   # evicts the first tuple
     assert clip._text_cache.currsize <= 12 and first not in clip._text_cache
+
+
+def test_redis_with_a_password_works_and_a_wrong_one_is_refused_without_leaking_it(tmp_path):
+    """REDIS_URL with credentials end to end (the compose Redis requires a password): the store and the queue
+    work with it; without it the error names Redis but never the password."""
+    import shutil
+    import subprocess
+
+    from backend.jobs import RQJobs
+    from backend.store import Change, RedisStore, StoreUnavailable
+    from e2e.local_http import free_port
+
+    if not shutil.which("redis-server"):
+        pytest.skip("no redis-server to start")
+    port, password = free_port(), "pw-" + "z" * 20
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                               "--appendonly", "no", "--requirepass", password],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"redis://:{password}@127.0.0.1:{port}/0"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                store = RedisStore(url)
+                break
+            except StoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        assert store.apply(1, "s", [Change("annotation:1", 1.0, None)]) == 1
+        jobs = RQJobs(url)
+        jobs.submit("learn", {"project": 1, "items": []})
+        assert jobs.queue.count == 1
+        with pytest.raises(StoreUnavailable) as refused_:
+            RedisStore(f"redis://:wrong-{password}@127.0.0.1:{port}/0")
+        assert password not in str(refused_.value) and f"127.0.0.1:{port}" in str(refused_.value)
+    finally:
+        server.terminate()
+        server.wait(10)
