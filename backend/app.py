@@ -121,6 +121,8 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
         if isinstance(project, dict) and isinstance(project.get("label_config"), str):
             _config(project["label_config"])   # the same limit as /setup and /predict
         answer = backend.fit(event, body, authenticated=request.environ[AUTHENTICATED])
+        if answer.get("status") == "refused":
+            log.warning("refused webhook %s from %s: %s", event, request.remote_addr, answer.get("reason"))
         return jsonify(answer), 403 if answer.get("status") == "refused" else 201
 
     @app.errorhandler(BadRequest)

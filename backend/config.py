@@ -88,11 +88,11 @@ class Settings:
             try:
                 values[name] = _parse(kind, raw) if raw.strip() else default
             except ValueError:
-                raise ValueError(f"setting {name}={raw!r} is not a valid {kind.__name__}") from None
+                raise SettingsError(f"setting {name}={raw!r} is not a valid {kind.__name__}") from None
         if values["PROFILE"] == "cpu" and not environ.get("DETECTOR"):
             values.update(CPU_PROFILE)
         elif values["PROFILE"] not in ("default", "cpu"):
-            raise ValueError(f"PROFILE={values['PROFILE']!r}: use `default` or `cpu`")
+            raise SettingsError(f"PROFILE={values['PROFILE']!r}: use `default` or `cpu`")
         if values["LABEL_STUDIO_API_KEY"] and not values["LABEL_STUDIO_URL"]:
             from .studio.images import KEY_NEEDS_URL
             raise SettingsError(KEY_NEEDS_URL)

@@ -114,8 +114,16 @@ def test_setup_hostname_cannot_receive_the_environment_key(ls, servers):
     """Before: with LABEL_STUDIO_API_KEY set and LABEL_STUDIO_URL empty (the default), an unauthenticated
     /setup {"hostname": attacker} made the next upload fetch send the key there (verified failing before the
     fix: no start-up error)."""
+    import os
+    import subprocess
+    import sys
+
     with pytest.raises(SettingsError, match="LABEL_STUDIO_URL"):
         Settings.from_env({"LABEL_STUDIO_API_KEY": LEGACY_TOKEN})
+    env = {k: v for k, v in os.environ.items() if k != "LABEL_STUDIO_URL"} | {"LABEL_STUDIO_API_KEY": LEGACY_TOKEN}
+    start = subprocess.run([sys.executable, "-m", "backend", "serve", "--demo", "--port", "1"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert start.returncode == 2 and start.stderr.startswith("error: LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL")
     attacker = servers("127.0.0.2")
     images = fetcher(ls, ALLOW_PRIVATE_HOSTS="127.0.0.2")
     images.use_setup_values(attacker.url, "attacker-token")   # neither the host nor the key changes
