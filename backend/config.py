@@ -42,6 +42,7 @@ SETTINGS: tuple[tuple[str, type, Any, str], ...] = (
     ("IMAGE_MAX_BYTES", int, 50_000_000, "largest image download"),
     ("IMAGE_TIMEOUT", float, 20.0, "seconds to connect to and read an image"),
     ("MAX_IMAGE_PIXELS", int, 40_000_000, "largest decoded image (decompression-bomb guard)"),
+    ("IMAGE_MEMORY_MB", int, 1024, "decoded images in flight per process, all requests together, MB (uint8 pixels; a chunk reserves its images' size before decoding, and waits while others hold it)"),
     ("DOWNLOAD_WORKERS", int, 8, "concurrent image downloads per predict call"),
     ("PREDICT_BUDGET_SECONDS", float, 60.0, "a bulk /predict expected to take longer answers one result, so LS asks task by task (LS waits 100 s)"),
     ("MODEL_DIR", str, "./model-state", "where learned state lives without Redis"),

@@ -17,7 +17,8 @@ import torch
 from .cache import build_feature_cache, has_parts, image_digest, merge
 from .config import Settings
 from .export import model_version as base_version
-from .labeling.decode import ImageDecodeError, decode_image
+from .budget import ByteBudget
+from .labeling.decode import ImageDecodeError, decode_image, decoded_bytes
 from .labeling.detections import ImageLabels
 from .labeling.pipeline import ImageFeatures, Labeler, needed_features
 from .labeling.prompts import LabelSet, PromptDefaults
@@ -74,6 +75,7 @@ class ClipBackend:
         self.model_fingerprint = settings.model_spec().fingerprint
         self.cache = build_feature_cache(settings, self.model_fingerprint)   # features by image content + models
         self.fetcher = ImageFetcher.from_settings(settings)
+        self.image_memory = ByteBudget(settings["IMAGE_MEMORY_MB"] * 2**20)
         self._inference = threading.Lock()  # one inference at a time: threads would only thrash the cores
         self.learning = Learning.for_backend(settings, labeler, self.fetcher, self._inference)
         labeler.adjust_logits = self.learning.adjust_logits  # corrections join the zero-shot logits
@@ -136,8 +138,9 @@ class ClipBackend:
     def _predict_chunk(self, tasks: list[dict], config: ProjectConfig, version: str,
                        project) -> list[tuple[dict, str | None]]:
         started = time.perf_counter()
-        images = self._load_images(tasks, config, cached=needed_features(config.labelsets))
-        labelled = self._label_each(images, config)
+        with self.image_memory.reservation() as reserve:   # decoded pixels held until the chunk is labelled
+            images = self._load_images(tasks, config, cached=needed_features(config.labelsets), reserve=reserve)
+            labelled = self._label_each(images, config)
         out = []
         for n, image in enumerate(images):
             if n not in labelled:
@@ -151,11 +154,11 @@ class ClipBackend:
             self.seconds_per_image = 0.7 * self.seconds_per_image + 0.3 * (time.perf_counter() - started) / decoded
         return out
 
-    def _load_images(self, tasks: list[dict], config: ProjectConfig,
-                     cached: tuple[bool, bool] | None = None) -> list[TaskImage]:
+    def _load_images(self, tasks: list[dict], config: ProjectConfig, cached: tuple[bool, bool] | None = None,
+                     reserve=None) -> list[TaskImage]:
         """Download all task images concurrently and decode each once; a failure costs only its task.
         ``cached`` = (regions, whole): look the features up first; an image whose features are all cached
-        is not decoded."""
+        is not decoded. ``reserve(n)``: called once with the decoded size of them all, before decoding."""
         control = config.controls[0]
         urls, broken = [], {}
         for i, task in enumerate(tasks):
@@ -164,8 +167,12 @@ class ClipBackend:
             except TaskDataError as error:
                 broken[i] = str(error)
                 urls.append(None)
-        fetched = iter(self.fetcher.fetch_many([u for u in urls if u is not None],
-                                               max_workers=self.settings["DOWNLOAD_WORKERS"]))
+        downloads = self.fetcher.fetch_many([u for u in urls if u is not None],
+                                            max_workers=self.settings["DOWNLOAD_WORKERS"])
+        if reserve is not None:
+            reserve(sum(decoded_bytes(d, self.settings["MAX_IMAGE_PIXELS"]) for d in downloads
+                        if isinstance(d, bytes)))
+        fetched = iter(downloads)
         images = []
         for i, (task, url) in enumerate(zip(tasks, urls)):
             if url is None:

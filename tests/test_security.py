@@ -542,3 +542,43 @@ def test_redis_with_a_password_works_and_a_wrong_one_is_refused_without_leaking_
     finally:
         server.terminate()
         server.wait(10)
+
+
+# ---------------------------------------------------------------- images in flight: a memory budget
+def test_decoded_images_in_flight_stay_within_the_budget():
+    """Two chunks that together exceed the budget run one after the other; a chunk above the whole budget
+    still runs (alone)."""
+    from backend.budget import ByteBudget
+
+    budget = ByteBudget(100)
+    first_in, second_in, release = threading.Event(), threading.Event(), threading.Event()
+    peak = []
+
+    def chunk(size: int, inside: threading.Event, wait: threading.Event | None):
+        with budget.reservation() as reserve:
+            reserve(size)
+            peak.append(budget.held)
+            inside.set()
+            if wait:
+                wait.wait(5)
+
+    one = threading.Thread(target=chunk, args=(70, first_in, release))
+    one.start()
+    assert first_in.wait(5)
+    two = threading.Thread(target=chunk, args=(70, second_in, None))
+    two.start()
+    assert not second_in.wait(0.2), "the second chunk must wait: 140 bytes > 100"
+    release.set()
+    assert second_in.wait(5)
+    one.join(5), two.join(5)
+    assert max(peak) <= 100 and budget.held == 0
+    with budget.reservation() as reserve:   # larger than the budget: takes all of it, runs alone
+        reserve(10_000)
+        assert budget.held == 100
+    assert budget.held == 0
+
+
+def test_a_tiny_image_memory_budget_still_predicts(serve):
+    url, backend = serve(IMAGE_MEMORY_MB="1")
+    answer = post(url + "/predict", {"tasks": [TASK, {**TASK, "id": 6}], "label_config": LEARN_CONFIG}).json()
+    assert len(answer["results"]) == 2 and backend.image_memory.held == 0
