@@ -53,6 +53,6 @@ EXPOSE 9090
 HEALTHCHECK --interval=30s --timeout=5s --start-period=900s \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/health', timeout=4)"
 
-# One process, models loaded once before forking (--preload), requests on threads, no request timeout
-# (a bulk predict may run long): the upstream ML backend convention.
-CMD ["gunicorn", "--preload", "--workers", "1", "--threads", "8", "--timeout", "0", "--bind", "0.0.0.0:9090", "backend.wsgi:app"]
+# One process, models loaded once, requests on 8 threads behind waitress's I/O loop (slow or half-open client
+# connections cost a socket, not a thread), no request timeout (a bulk predict may run long).
+CMD ["python", "-m", "backend", "serve", "--host", "0.0.0.0", "--port", "9090", "--threads", "8"]

@@ -105,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     except ModelUnavailable as error:  # one clear message, no traceback wall
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except ValueError as error:
+        from .config import SettingsError   # imported here: the config pulls in torch, --help need not
+
+        if not isinstance(error, SettingsError):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 1
 
 

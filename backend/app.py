@@ -1,8 +1,7 @@
 """The HTTP face of the backend: Label Studio's ML backend routes, every error as JSON.
 
 ``create_app()`` builds a Flask app around one ``ClipBackend`` (models load here, once per process).
-Run it with ``gunicorn --preload --workers 1 --threads 8 --timeout 0 backend.wsgi:app`` or
-``python -m backend serve``.
+Run it with ``python -m backend serve`` (waitress), or ``backend.wsgi:app`` under any WSGI server.
 """
 from __future__ import annotations
 
@@ -13,12 +12,19 @@ import time
 from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .config import Settings
+from .config import Settings, demo_from_env
 from .studio.label_config import LabelConfigError
 
 log = logging.getLogger(__name__)
+access = logging.getLogger("backend.access")
 MAX_BODY_BYTES = 50 * 1024 * 1024
 MAX_CONFIG_CHARS = 2 * 1024 * 1024   # real labeling configs are kilobytes; parsed configs are cached per process
+CHANNEL_TIMEOUT_S = 60    # waitress closes a connection idle (or sending nothing) this long
+CONNECTION_LIMIT = 1000   # open client connections at most; each costs a socket, not a thread
+
+
+SECRET_SEEN = "clip_ls.url_secret"
+AUTHENTICATED = "clip_ls.authenticated"
 
 
 class BadRequest(ValueError):
@@ -41,21 +47,40 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
     app.extensions["clip_backend"] = backend
+    secret, user, password = settings["URL_SECRET"], settings["BASIC_AUTH_USER"], settings["BASIC_AUTH_PASS"]
+    if secret:
+        app.wsgi_app = _SecretPrefix(app.wsgi_app, secret)
+
+    def authenticated() -> bool:
+        """Under URL_SECRET's prefix, or with the right Basic Auth."""
+        if request.environ.get(SECRET_SEEN):
+            return True
+        auth = request.authorization
+        return bool(user) and (auth is not None and auth.type == "basic"
+                               and hmac.compare_digest((auth.username or "").encode(), user.encode())
+                               and hmac.compare_digest((auth.password or "").encode(), password.encode()))
 
     @app.before_request
-    def basic_auth():
-        user, password = settings["BASIC_AUTH_USER"], settings["BASIC_AUTH_PASS"]
-        if not user or request.path == "/health":
+    def guard():
+        request.environ[AUTHENTICATED] = authenticated()
+        if not (secret or user) or request.path == "/health" or request.environ[AUTHENTICATED]:
             return None
-        auth = request.authorization
-        ok = (auth is not None and auth.type == "basic"
-              and hmac.compare_digest((auth.username or "").encode(), user.encode())
-              and hmac.compare_digest((auth.password or "").encode(), password.encode()))
-        if ok:
-            return None
+        if request.path == "/webhook" and getattr(backend, "reads_annotations_from_label_studio", False):
+            return None   # a webhook is then only a hint: what is learned is read from Label Studio's API
+        log.warning("refused %s %s from %s: %s", request.method, request.path, request.remote_addr,
+                    "no or wrong Basic Auth" if user else "not under URL_SECRET's path")
+        if not user:
+            return jsonify(error="not found"), 404   # the secret path is the credential: nothing to hint at
         response = jsonify(error="authentication required (HTTP Basic Auth)")
         response.status_code = 401
         response.headers["WWW-Authenticate"] = 'Basic realm="clip-ls"'
+        return response
+
+    @app.after_request
+    def access_log(response):
+        """One line per request (the path without URL_SECRET's prefix: the log never holds a secret)."""
+        access.info('%s "%s %s %s" %s', request.remote_addr, request.method, request.path,
+                    request.environ.get("SERVER_PROTOCOL", "HTTP/1.1"), response.status_code)
         return response
 
     @app.get("/")
@@ -92,7 +117,13 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
     def webhook():
         body = _json_object()
         event = _field(body, "action", str)
-        return jsonify(backend.fit(event, body)), 201
+        project = body.get("project")
+        if isinstance(project, dict) and isinstance(project.get("label_config"), str):
+            _config(project["label_config"])   # the same limit as /setup and /predict
+        answer = backend.fit(event, body, authenticated=request.environ[AUTHENTICATED])
+        if answer.get("status") == "refused":
+            log.warning("refused webhook %s from %s: %s", event, request.remote_addr, answer.get("reason"))
+        return jsonify(answer), 403 if answer.get("status") == "refused" else 201
 
     @app.get("/report/<int:project>")
     def report(project: int):
@@ -130,6 +161,23 @@ def create_app(settings: Settings | None = None, backend=None) -> Flask:
     return app
 
 
+class _SecretPrefix:
+    """WSGI: serves ``/<secret>/any/route`` as ``/any/route``, marked as authenticated. Label Studio appends its
+    paths (/setup, /predict, /webhook for the webhook it creates) to the model URL, so the prefix rides along."""
+
+    def __init__(self, app, secret: str):
+        self.app, self.secret = app, secret.strip("/").encode()
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        first, _, rest = path[1:].partition("/")
+        if hmac.compare_digest(first.encode("latin-1", "replace"), self.secret):
+            environ["PATH_INFO"] = "/" + rest
+            environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + "/" + first
+            environ[SECRET_SEEN] = True
+        return self.app(environ, start_response)
+
+
 def _json_object() -> dict:
     try:
         body = request.get_json(silent=True)
@@ -165,21 +213,17 @@ def _project_label_config(tasks: list[dict]) -> str | None:
 
 
 def serve(args) -> int:
-    """``python -m backend serve``: gunicorn with upstream's conventions, embedded defaults, no Redis needed."""
-    from gunicorn.app.base import BaseApplication
+    """``python -m backend serve``: waitress, one process (models load once), ``--threads`` request threads.
 
-    settings = Settings.from_env(demo=args.demo)
+    waitress reads and buffers each request in its I/O loop and hands only complete requests to the threads,
+    so slow or half-open client connections cannot take the threads that /health needs (measured by
+    ``bench/slowloris.py``; thread-per-connection servers such as gunicorn's sync/gthread workers stall)."""
+    import waitress
+
+    settings = Settings.from_env(demo=args.demo or demo_from_env())
     app = create_app(settings)
-
-    class _Server(BaseApplication):
-        def load_config(self):
-            for key, value in {"bind": f"{args.host}:{args.port}", "workers": 1, "threads": args.threads,
-                               "timeout": 0, "accesslog": "-", "loglevel": settings["LOG_LEVEL"].lower(),
-                               "control_socket_disable": True}.items():  # one per host: backends would collide
-                self.cfg.set(key, value)
-
-        def load(self):
-            return app
-
-    _Server().run()
+    log.info("serving on http://%s:%d (%d threads)", args.host, args.port, args.threads)
+    waitress.serve(app, host=args.host, port=args.port, threads=args.threads, ident="clip-ls",
+                   channel_timeout=CHANNEL_TIMEOUT_S, connection_limit=CONNECTION_LIMIT,
+                   max_request_body_size=MAX_BODY_BYTES)
     return 0

@@ -35,13 +35,16 @@ SETTINGS: tuple[tuple[str, type, Any, str], ...] = (
     ("PROMPT_TEMPLATE", str, DEFAULT_TEMPLATE, "default prompt template(s) for labels without prompts; `;` separates several (averaged)"),
     ("BACKGROUND_PROMPTS", str, ";".join(DEFAULT_BACKGROUND), "default background prompt(s), `;`-separated; regions won by one are dropped"),
     ("CLIP_BATCH_SIZE", int, 32, "crops per CLIP forward pass"),
-    ("LABEL_STUDIO_URL", str, "", "Label Studio base URL for image downloads; empty = /setup's hostname"),
-    ("LABEL_STUDIO_API_KEY", str, "", "legacy token or personal access token; empty = /setup's access_token"),
+    ("MAX_LABELS", int, 1000, "most labels in one control; a config with more is refused (400 naming the limit)"),
+    ("LABEL_STUDIO_URL", str, "", "Label Studio base URL for image downloads and its API; empty = /setup's hostname (only without LABEL_STUDIO_API_KEY)"),
+    ("LABEL_STUDIO_API_KEY", str, "", "legacy token or personal access token, sent only to LABEL_STUDIO_URL (required with it); empty = /setup's access_token"),
     ("LOCAL_FILES_DOCUMENT_ROOT", str, "", "read /data/local-files/ images from this directory when shared with LS"),
     ("ALLOWED_HOSTS", str, "", "comma-separated hosts images may be fetched from; empty = any"),
+    ("ALLOW_PRIVATE_HOSTS", str, "", "comma-separated host names and CIDR networks (e.g. `minio,10.0.0.0/8`) images may come from although private/loopback/link-local; Label Studio's own origin always may"),
     ("IMAGE_MAX_BYTES", int, 50_000_000, "largest image download"),
     ("IMAGE_TIMEOUT", float, 20.0, "seconds to connect to and read an image"),
     ("MAX_IMAGE_PIXELS", int, 40_000_000, "largest decoded image (decompression-bomb guard)"),
+    ("IMAGE_MEMORY_MB", int, 1024, "decoded images in flight per process, all requests together, MB (uint8 pixels; a chunk reserves its images' size before decoding, and waits while others hold it)"),
     ("DOWNLOAD_WORKERS", int, 8, "concurrent image downloads per predict call"),
     ("PREDICT_BUDGET_SECONDS", float, 60.0, "a bulk /predict expected to take longer answers one result, so LS asks task by task (LS waits 100 s)"),
     ("MODEL_DIR", str, "./model-state", "where learned state lives without Redis"),
@@ -49,9 +52,10 @@ SETTINGS: tuple[tuple[str, type, Any, str], ...] = (
     ("FEATURE_CACHE_MB", int, 256, "in-process LRU of image features (proposals + CLIP embeddings by image content hash + model fingerprint), MB; 0 = off"),
     ("FEATURE_CACHE_REDIS_MB", int, 2048, "with REDIS_URL: feature cache shared through Redis, capped at this many MB by its own LRU; 0 = off"),
     ("FEATURE_CACHE_TTL_DAYS", float, 30.0, "feature cache entries unused this long expire (Redis, disk)"),
-    ("PREANNOTATE_CHUNK", int, 16, "tasks per bulk job of `python -m backend preannotate`, run by `rq worker --url $REDIS_URL --worker-class rq.worker.SimpleWorker clip-ls` on any machines"),
+    ("PREANNOTATE_CHUNK", int, 16, "tasks per bulk job of `python -m backend preannotate`, run by `rq worker --url $REDIS_URL --worker-class rq.worker.SimpleWorker --serializer rq.serializers.JSONSerializer clip-ls` on any machines"),
     ("PREANNOTATE_JOB_TIMEOUT", int, 900, "seconds one bulk chunk may run; RQ re-queues the chunk of a dead worker this + 60 s after it started"),
-    ("BASIC_AUTH_USER", str, "", "require HTTP Basic Auth on every route but /health"),
+    ("URL_SECRET", str, "", "secret path prefix: give Label Studio the model URL `http://HOST:9090/<URL_SECRET>`; only requests under it (or with Basic Auth) are served, /health aside. Label Studio's webhooks carry it, so it authenticates them"),
+    ("BASIC_AUTH_USER", str, "", "require HTTP Basic Auth on every route but /health (and URL_SECRET's, and /webhook when Label Studio's API is configured: webhooks carry no Basic Auth)"),
     ("BASIC_AUTH_PASS", str, "", "its password"),
     ("LOG_LEVEL", str, "INFO", "DEBUG, INFO, WARNING, ERROR"),
 )
@@ -65,8 +69,12 @@ def _parse(kind: type, raw: str) -> Any:
 
 
 def demo_from_env(environ: Mapping[str, str] | None = None) -> bool:
-    """``DEMO=true`` (gunicorn, RQ workers): the bundled tiny models."""
+    """``DEMO=true`` (a WSGI server importing backend.wsgi, RQ workers): the bundled tiny models."""
     return _parse(bool, (os.environ if environ is None else environ).get("DEMO", ""))
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work together; the message says which and what to do."""
 
 
 @dataclass(frozen=True)
@@ -83,13 +91,16 @@ class Settings:
             try:
                 values[name] = _parse(kind, raw) if raw.strip() else default
             except ValueError:
-                raise ValueError(f"setting {name}={raw!r} is not a valid {kind.__name__}") from None
+                raise SettingsError(f"setting {name}={raw!r} is not a valid {kind.__name__}") from None
         if _parse(bool, environ.get("HF_HUB_OFFLINE", "")):   # the hub's own switch means the same here
             values["OFFLINE"] = True
         if values["PROFILE"] == "cpu" and not environ.get("DETECTOR"):
             values.update(CPU_PROFILE)
         elif values["PROFILE"] not in ("default", "cpu"):
-            raise ValueError(f"PROFILE={values['PROFILE']!r}: use `default` or `cpu`")
+            raise SettingsError(f"PROFILE={values['PROFILE']!r}: use `default` or `cpu`")
+        if values["LABEL_STUDIO_API_KEY"] and not values["LABEL_STUDIO_URL"]:
+            from .studio.images import KEY_NEEDS_URL
+            raise SettingsError(KEY_NEEDS_URL)
         return cls(values, demo)
 
     def __getitem__(self, name: str) -> Any:

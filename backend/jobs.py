@@ -5,17 +5,21 @@ memory) runs elsewhere:
 
 - with REDIS_URL: on the RQ queue ``clip-ls``, run by any number of workers on any machines sharing that Redis::
 
-      rq worker --url "$REDIS_URL" --worker-class rq.worker.SimpleWorker clip-ls
+      rq worker --url "$REDIS_URL" --worker-class rq.worker.SimpleWorker --serializer rq.serializers.JSONSerializer clip-ls
 
   A worker loads the models once, at its first job, from the same settings (environment) as the backend.
   ``SimpleWorker`` runs jobs in the worker process itself, so the models stay loaded between jobs; RQ's default
   worker forks a fresh process per job and would load them for every job (it works, just slower).
 - without: one daemon thread in the backend process runs the jobs in order (``InProcessJobs``).
 
-Jobs are plain data (``kind``, ``payload``: JSON-like dicts) run by ``learning.Learner.run``.
+Jobs are plain data (``kind``, ``payload``: JSON-like dicts) run by ``learning.Learner.run``. On Redis they are
+JSON (RQ's JSONSerializer on every queue and worker): whoever can write to Redis can queue work, but never run
+code by unpickling. Payloads hold no secrets (workers read Label Studio's key from their own settings), live
+an hour (a day when failed), and are capped in size.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -28,8 +32,11 @@ log = logging.getLogger(__name__)
 
 QUEUE_NAME = "clip-ls"
 JOB_TIMEOUT_S = {"learn": 30 * 60, "rebuild": 12 * 3600}
-RESULT_TTL_S = 24 * 3600
-FAILURE_TTL_S = 7 * 24 * 3600
+RESULT_TTL_S = 3600
+FAILURE_TTL_S = 24 * 3600
+MAX_PAYLOAD_BYTES = 4 * 2**20
+SERIALIZER = "rq.serializers.JSONSerializer"
+WORKER_OPTIONS = ("--worker-class", "rq.worker.SimpleWorker", "--serializer", SERIALIZER)   # the documented worker
 
 Runner = Callable[[str, dict], Any]
 
@@ -94,16 +101,26 @@ class RQJobs:
 
     def __init__(self, url: str, queue_name: str = QUEUE_NAME):
         import redis
-        from rq import Queue
 
         self.connection = redis.Redis.from_url(url)
-        self.queue = Queue(queue_name, connection=self.connection)
+        self.queue = rq_queue(self.connection, queue_name)
 
     def submit(self, kind: str, payload: dict) -> str:
+        size = len(json.dumps(payload))
+        if size > MAX_PAYLOAD_BYTES:
+            raise ValueError(f"a {kind} job of {size:,} bytes is above the limit of {MAX_PAYLOAD_BYTES:,}")
         job = self.queue.enqueue("backend.jobs.run_job", kind, payload, job_timeout=JOB_TIMEOUT_S.get(kind, 3600),
                                  result_ttl=RESULT_TTL_S, failure_ttl=FAILURE_TTL_S,
                                  description=f"clip-ls {kind} project {payload.get('project')}")
         return job.id
+
+
+def rq_queue(connection, name: str = QUEUE_NAME):
+    """An RQ queue that stores jobs as JSON (the worker must be started with the same serializer)."""
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    return Queue(name, connection=connection, serializer=JSONSerializer)
 
 
 # ---------------------------------------------------------------- the RQ worker side

@@ -46,8 +46,9 @@ from .labeling.pipeline import Labeler
 from .labeling.prompts import LabelSet
 from .labeling.proposals import ProposalSettings
 from .store import Change, Store, open_store
-from .studio.images import ImageFetchError, ImageFetcher
-from .studio.label_config import ProjectConfig, TaskDataError, parse_label_config
+from .studio.images import ImageFetchError, ImageFetcher, NotFound
+from .studio.label_config import (DEFAULT_MAX_LABELS, LabelConfigError, ProjectConfig, TaskDataError,
+                                  parse_label_config)
 from .studio.results import regions_from_results
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ LEARN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED
 FORGET_EVENTS = ("ANNOTATIONS_DELETED", "TASKS_DELETED")
 DELETED_IOU = 0.5        # a predicted box without an annotated box of at least this IoU was deleted: background
 TASKS_PAGE_SIZE = 100
+UNTRUSTED = ("unauthenticated webhook refused: without LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (to read what "
+             "Label Studio really holds), learning needs URL_SECRET or Basic Auth")
 EMPTY = Memory()
 # The memory this thread's next labeling uses. Per thread, not per Learning: a process may build several
 # backends around one Labeler (bulk workers, one per Label Studio), whose adjust_logits hook is the last one set.
@@ -83,6 +86,7 @@ class Learning:
         self.fetcher = fetcher
         self.demo = demo
         self.adapter = adapter
+        self._checked: set[int] = set()   # projects whose stored memory /setup has looked for
 
     @classmethod
     def for_backend(cls, settings, labeler: Labeler, fetcher: ImageFetcher, lock=None) -> "Learning":
@@ -92,7 +96,8 @@ class Learning:
         if settings["REDIS_URL"]:
             jobs = RQJobs(settings["REDIS_URL"])
         else:
-            jobs = InProcessJobs(Learner(labeler, store, fetcher, space, lock, settings["MAX_IMAGE_PIXELS"]).run)
+            jobs = InProcessJobs(Learner(labeler, store, fetcher, space, lock, settings["MAX_IMAGE_PIXELS"],
+                                         settings["MAX_LABELS"]).run)
         return cls(store, jobs, space, labeler.clip, fetcher, settings.demo)
 
     # ------------------------------------------------------------------ predictions
@@ -132,33 +137,50 @@ class Learning:
             log.warning("project %s: could not record predictions: %s", project_id, error)
 
     # ------------------------------------------------------------------ webhooks
-    def handle(self, event: str, data: dict) -> dict:
-        """Answer a webhook at once: queue the learning, apply deletions; never wait for models."""
+    def handle(self, event: str, data: dict, authenticated: bool = False) -> dict:
+        """Answer a webhook at once: queue the learning, apply deletions; never wait for models.
+
+        Who is believed: with Label Studio's API (``fetcher.trusts_label_studio``) a webhook is only a hint, and
+        what is learned or forgotten is read from the API by id; without it, only ``authenticated`` webhooks
+        (URL_SECRET, Basic Auth) are believed, and the others are refused."""
         try:
-            answer = self._handle(event, data)
+            answer = self._handle(event, data, authenticated)
         except Exception as error:   # noqa: BLE001 - the store or queue is down: say so, Label Studio carries on
             log.exception("webhook %s: not handled", event)
             return {"status": "error", "event": event, "reason": f"{type(error).__name__}: {error}"}
-        log.info("webhook %s for project %s: %s", event, project_id_of(data.get("project")),
-                 ", ".join(f"{k} {v}" for k, v in answer.items() if k != "event"))
+        log.log(logging.WARNING if answer["status"] == "refused" else logging.INFO, "webhook %s for project %s: %s",
+                event, project_id_of(data.get("project")),
+                ", ".join(f"{k} {v}" for k, v in answer.items() if k != "event"))
         return answer
 
-    def _handle(self, event: str, data: dict) -> dict:
+    def _handle(self, event: str, data: dict, authenticated: bool) -> dict:
         project_id = project_id_of(data.get("project"))
         if event not in LEARN_EVENTS + FORGET_EVENTS + ("START_TRAINING",):
             return {"status": "ignored", "event": event}
         if project_id is None:
             log.warning("webhook %s without a project id: ignored", event)
             return {"status": "ignored", "event": event, "reason": "no project id"}
+        verify = self.reads_label_studio
+        if not verify and not authenticated:
+            return {"status": "refused", "event": event, "reason": UNTRUSTED}
         if event in FORGET_EVENTS:
-            forgotten = self.forget(project_id, data, event)
+            forgotten = self.forget(project_id, data, event, verify)
             return {"status": "done", "event": event, "forgotten": forgotten}
+        if verify:   # the job reads the project's config and the annotations from Label Studio
+            payload = {"project": project_id, "space": self.space, "demo": self.demo}
+            if event == "START_TRAINING":
+                return {"status": "queued", "event": event, "job": self.jobs.submit("rebuild", payload)}
+            ids = annotation_ids(data)
+            if not ids:
+                return {"status": "ignored", "event": event, "reason": "no annotation id"}
+            job = self.jobs.submit("learn", payload | {"items": [{"annotation": i} for i in ids]})
+            return {"status": "queued", "event": event, "job": job, "annotations": len(ids)}
         label_config = _label_config(data.get("project"))
         if label_config is None:
             log.warning("webhook %s for project %s has no label_config: ignored", event, project_id)
             return {"status": "ignored", "event": event, "reason": "no label_config in the project"}
-        payload = {"project": project_id, "label_config": label_config, "space": self.space, "demo": self.demo,
-                   "label_studio": self._label_studio()}
+        # no credentials in a job: an RQ worker uses its own LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY
+        payload = {"project": project_id, "label_config": label_config, "space": self.space, "demo": self.demo}
         if event == "START_TRAINING":
             return {"status": "queued", "event": event, "job": self.jobs.submit("rebuild", payload)}
         items = annotation_items(data)
@@ -174,47 +196,89 @@ class Learning:
         job = self.jobs.submit("learn", payload | {"items": live})
         return {"status": "queued", "event": event, "job": job, "annotations": len(live)}
 
-    def forget(self, project_id: int, data: dict, event: str) -> int:
+    def rebuild_if_missing(self, project) -> bool:
+        """Once per project and process, at /setup: when the store holds no memory for the project (a Redis that
+        died without persistence, a new machine) but Label Studio's API is at hand, rebuild it from there rather
+        than silently predicting zero-shot. Returns whether a rebuild was queued."""
+        project_id = project_id_of(project)
+        if project_id is None or not self.reads_label_studio or project_id in self._checked:
+            return False
+        self._checked.add(project_id)
+        if self.store.revision(project_id, self.space):
+            return False
+        log.info("project %s: no learned memory in the store: rebuilding it from Label Studio's annotations",
+                 project_id)
+        self.jobs.submit("rebuild", {"project": project_id, "space": self.space, "demo": self.demo})
+        return True
+
+    @property
+    def reads_label_studio(self) -> bool:
+        return self.fetcher is not None and self.fetcher.trusts_label_studio
+
+    def forget(self, project_id: int, data: dict, event: str, verify: bool = False) -> int:
+        """Tombstones only for records the store holds (a tombstone for an id not yet learned would block it
+        forever); with ``verify``, only for those Label Studio no longer has."""
         if event == "ANNOTATIONS_DELETED":
-            ids = [id_of(a.get("id")) for a in _as_list(data.get("annotations")) if isinstance(a, dict)]
-            sources = [source_key(i) for i in ids if i is not None]
+            ids = {id_of(a.get("id")) for a in _as_list(data.get("annotations")) if isinstance(a, dict)} - {None}
+            known = self.store.records(project_id, self.space)
+            sources = [source_key(i) for i in sorted(ids) if source_key(i) in known
+                       and (not verify or self._gone(f"/api/annotations/{i}/"))]
         else:
             tasks = {id_of(t.get("id")) for t in _as_list(data.get("tasks")) if isinstance(t, dict)} - {None}
+            tasks = {t for t in tasks if not verify or self._gone(f"/api/tasks/{t}/")}
             sources = self.store.tasks_sources(project_id, self.space, tasks)
         if sources:
             self.store.apply(project_id, self.space, [Change(s, time.time(), None) for s in sources])
         return len(sources)
 
-    def _label_studio(self) -> tuple[str | None, str | None] | None:
-        """/setup's Label Studio host and token, for a worker that has no LABEL_STUDIO_URL / API key of its own."""
-        return self.fetcher.setup_values if self.fetcher is not None else None
+    def _gone(self, path: str) -> bool:
+        try:
+            self.fetcher.get_json(path)
+        except NotFound:
+            return True
+        except ImageFetchError as error:
+            log.warning("cannot check %s with Label Studio, not forgotten: %s", path, error)
+            return False
+        log.warning("webhook says %s was deleted, Label Studio still has it: not forgotten", path)
+        return False
 
 
 class Learner:
     """The working side: turns annotations into stored memory records."""
 
     def __init__(self, labeler: Labeler, store: Store, fetcher: ImageFetcher, space: str, lock=None,
-                 max_pixels: int = 40_000_000):
+                 max_pixels: int = 40_000_000, max_labels: int = DEFAULT_MAX_LABELS):
         self.labeler = labeler
         self.store = store
         self.fetcher = fetcher
         self.space = space
         self.lock = lock or threading.Lock()
         self.max_pixels = max_pixels
+        self.max_labels = max_labels
 
     @classmethod
     def from_settings(cls, settings, labeler: Labeler) -> "Learner":
         """For an RQ worker: the store and image access from the same settings as the backend."""
         return cls(labeler, open_store(settings), ImageFetcher.from_settings(settings),
-                   embedding_space(settings.model_spec()), max_pixels=settings["MAX_IMAGE_PIXELS"])
+                   embedding_space(settings.model_spec()), max_pixels=settings["MAX_IMAGE_PIXELS"], max_labels=settings["MAX_LABELS"])
 
     def run(self, kind: str, payload: dict):
         if payload.get("space") not in (None, self.space):
             raise RuntimeError("this worker's CLIP model or crop settings differ from the backend's (embedding "
                                "spaces differ): give the worker the same CLIP_MODEL / CROP_* settings")
-        if payload.get("label_studio"):
-            self.fetcher.use_setup_values(*payload["label_studio"])
-        config = parse_label_config(payload["label_config"])
+        project = payload["project"]
+        if self.fetcher.trusts_label_studio:   # believe Label Studio, not the webhook
+            try:
+                config = parse_label_config(self.fetcher.get_json(f"/api/projects/{project}/")["label_config"],
+                                            max_labels=self.max_labels)
+            except (ImageFetchError, LabelConfigError, KeyError, TypeError) as error:
+                log.warning("project %s: cannot read its labeling config from Label Studio: nothing learned: %s",
+                            project, error)
+                return None
+            if kind == "learn":
+                return self.learn(project, config, list(self._from_label_studio(project, payload["items"])))
+        else:
+            config = parse_label_config(payload["label_config"], max_labels=self.max_labels)
         if kind == "learn":
             return self.learn(payload["project"], config, payload["items"])
         if kind == "rebuild":
@@ -224,9 +288,38 @@ class Learner:
     def learn(self, project: int, config: ProjectConfig, items: list[dict]) -> int:
         """Learn from annotations (``{"annotation": ..., "task": ...}``); returns the new revision."""
         changes = [c for c in (self._change(project, config, i["annotation"], i["task"]) for i in items) if c]
+        before = self.store.revision(project, self.space)
         revision = self.store.apply(project, self.space, changes)
-        log.info("project %s: learned from %d annotation(s): revision %d", project, len(changes), revision)
+        if changes and revision == before:
+            log.info("project %s: %d annotation(s) ignored (older than stored): revision %d", project,
+                     len(changes), revision)
+        else:
+            log.info("project %s: learned from %d annotation(s): revision %d", project, len(changes), revision)
         return revision
+
+    def _from_label_studio(self, project: int, items: list[dict]) -> Iterable[dict]:
+        """The annotations (and their tasks) as Label Studio holds them, for the ids the webhook named."""
+        for item in items:
+            annotation_id = id_of(item["annotation"]["id"] if isinstance(item["annotation"], dict)
+                                  else item["annotation"])
+            if annotation_id is None:
+                continue
+            try:
+                annotation = self.fetcher.get_json(f"/api/annotations/{annotation_id}/")
+                task = self.fetcher.get_json(f"/api/tasks/{id_of(annotation.get('task'))}/")
+            except NotFound:
+                log.warning("project %s: annotation %s is not in Label Studio (deleted since, or a forged "
+                            "webhook): ignored", project, annotation_id)
+                continue
+            except (ImageFetchError, AttributeError) as error:
+                log.warning("project %s: cannot read annotation %s from Label Studio: %s", project, annotation_id,
+                            error)
+                continue
+            if not isinstance(task, dict) or id_of(task.get("project")) != project:
+                log.warning("project %s: annotation %s belongs to another project in Label Studio: ignored",
+                            project, annotation_id)
+                continue
+            yield {"annotation": annotation, "task": task}
 
     def rebuild(self, project: int, config: ProjectConfig) -> int | None:
         """Replace the project's memory by what its annotations in Label Studio teach."""
@@ -270,6 +363,9 @@ class Learner:
         annotation_id, task_id = annotation.get("id"), task.get("id")
         if annotation_id is None:
             return None
+        if annotation.get("was_cancelled"):   # nothing to learn; forget what an earlier version of it taught
+            return Change(source_key(annotation_id), _stamp(annotation),
+                          Examples((), (), torch.zeros(0, 0), task_id).to_bytes(), task_id)
         try:
             examples = self.examples(project, config, annotation, task)
         except (ImageFetchError, ImageDecodeError, TaskDataError) as error:
@@ -340,6 +436,7 @@ def id_of(value) -> int | None:
 def annotation_items(data: dict) -> list[dict]:
     """The (annotation, task) pairs of an ANNOTATION_CREATED/UPDATED or bulk ANNOTATIONS_CREATED payload, cut
     down to what learning needs (the job payload stays small)."""
+    received = time.time()
     annotations = [a for a in _as_list(data.get("annotation") or data.get("annotations")) if isinstance(a, dict)]
     tasks = {id_of(t.get("id")): t for t in _as_list(data.get("task") or data.get("tasks")) if isinstance(t, dict)}
     tasks.pop(None, None)
@@ -353,16 +450,23 @@ def annotation_items(data: dict) -> list[dict]:
             log.warning("annotation %r comes without its task or an id: ignored", annotation.get("id"))
             continue
         snapshot = annotation.get("prediction")
+        stamp = _stamp(annotation, received)
         items.append({
             "annotation": {"id": id_of(annotation.get("id")), "result": _as_list(annotation.get("result")),
                            "was_cancelled": bool(annotation.get("was_cancelled")),
-                           # one stamp for every job of this event, even when Label Studio sent none
-                           "updated_at": annotation.get("updated_at") or annotation.get("created_at")
-                           or datetime.now(timezone.utc).isoformat(),
+                           # one stamp for every job of this event, at most the time of receipt
+                           "updated_at": datetime.fromtimestamp(stamp, timezone.utc).isoformat(),
                            "prediction": {"result": snapshot.get("result")} if isinstance(snapshot, dict) else None},
             "task": {"id": id_of(task.get("id")), "data": _as_dict(task.get("data"))},
         })
     return items
+
+
+def annotation_ids(data: dict) -> list[int]:
+    """The annotation ids a webhook names (all that is believed of it when Label Studio's API is at hand)."""
+    ids = [id_of(a.get("id")) for a in _as_list(data.get("annotation") or data.get("annotations"))
+           if isinstance(a, dict)]
+    return sorted({i for i in ids if i is not None})
 
 
 def _as_dict(value) -> dict:
@@ -380,15 +484,17 @@ def _label_config(project) -> str | None:
     return config if isinstance(config, str) and config.strip() else None
 
 
-def _stamp(annotation: dict) -> float:
-    """When the annotation was last changed (its ``updated_at``), else now."""
+def _stamp(annotation: dict, received: float | None = None) -> float:
+    """When the annotation was last changed (its ``updated_at``), else now; never later than ``received`` (or
+    now): a stamp from the future would beat every real update."""
+    now = time.time() if received is None else received
     text = annotation.get("updated_at") or annotation.get("created_at")
     if isinstance(text, str):
         try:
-            return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-        except ValueError:
+            return min(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp(), now)
+        except (ValueError, OverflowError):
             pass
-    return time.time()
+    return now
 
 
 def _compact_item(item: dict) -> dict:

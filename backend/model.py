@@ -17,17 +17,24 @@ import torch
 from .cache import build_feature_cache, has_parts, image_digest, merge
 from .config import Settings
 from .export import model_version as base_version
-from .labeling.decode import ImageDecodeError, decode_image
+from .budget import ByteBudget
+from .labeling.decode import ImageDecodeError, decode_image, decoded_bytes
 from .labeling.detections import ImageLabels
 from .labeling.pipeline import ImageFeatures, Labeler, needed_features
 from .labeling.prompts import LabelSet, PromptDefaults
 from .learning import Learning
 from .studio.images import ImageFetchError, ImageFetcher
-from .studio.label_config import ProjectConfig, TaskDataError, parse_label_config
+from .studio.label_config import DEFAULT_MAX_LABELS, ProjectConfig, TaskDataError, parse_label_config
 from .studio.results import context_regions, prediction_for_task
 
 log = logging.getLogger(__name__)
 CHUNK = 16  # images per pipeline call: CLIP batches across them, memory stays bounded
+LEARNING_OFF = ("learning from corrections is off: anyone could forge the webhooks. Set LABEL_STUDIO_URL and "
+                "LABEL_STUDIO_API_KEY (annotations are then read from Label Studio), or URL_SECRET and the model "
+                "URL http://HOST:9090/<URL_SECRET> in Label Studio (its webhooks then carry the secret)")
+LEARNING_OFF_BASIC_AUTH = ("learning from corrections is off: Label Studio's webhooks carry no Basic Auth and get "
+                           "401. Set URL_SECRET and the model URL http://HOST:9090/<URL_SECRET> in Label Studio, "
+                           "or LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (/webhook is then open: only a hint)")
 
 
 def _rebuild_torch_thread_pool() -> None:
@@ -42,8 +49,8 @@ os.register_at_fork(after_in_child=_rebuild_torch_thread_pool)
 
 
 @lru_cache(maxsize=64)
-def project_config(xml: str, defaults: PromptDefaults) -> ProjectConfig:
-    return parse_label_config(xml, defaults)
+def project_config(xml: str, defaults: PromptDefaults, max_labels: int = DEFAULT_MAX_LABELS) -> ProjectConfig:
+    return parse_label_config(xml, defaults, max_labels)
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,7 @@ class ClipBackend:
         self.model_fingerprint = settings.model_spec().fingerprint
         self.cache = build_feature_cache(settings, self.model_fingerprint)   # features by image content + models
         self.fetcher = ImageFetcher.from_settings(settings)
+        self.image_memory = ByteBudget(settings["IMAGE_MEMORY_MB"] * 2**20)
         self._inference = threading.Lock()  # one inference at a time: threads would only thrash the cores
         self.learning = Learning.for_backend(settings, labeler, self.fetcher, self._inference)
         labeler.adjust_logits = self.learning.adjust_logits  # corrections join the zero-shot logits
@@ -81,18 +89,27 @@ class ClipBackend:
 
     def setup(self, label_config: str, project=None, hostname: str | None = None,
               access_token: str | None = None) -> dict:
-        config = project_config(label_config, self.settings.prompt_defaults)
+        config = project_config(label_config, self.settings.prompt_defaults, self.settings["MAX_LABELS"])
         self.fetcher.use_setup_values(hostname, access_token)
+        self.learning.rebuild_if_missing(project)
         answer = {"model_version": self.model_version(config, project)}
-        if config.problems:
-            answer["warnings"] = list(config.problems)
-            for problem in config.problems:
-                log.warning("label config: %s", problem)
+        warnings = [f"label config: {problem}" for problem in config.problems]
+        if not self.reads_annotations_from_label_studio and not self.settings["URL_SECRET"]:
+            warnings.append(LEARNING_OFF_BASIC_AUTH if self.settings["BASIC_AUTH_USER"] else LEARNING_OFF)
+        for warning in warnings:
+            log.warning("%s", warning)
+        if warnings:
+            answer["warnings"] = warnings
         return answer
+
+    @property
+    def reads_annotations_from_label_studio(self) -> bool:
+        """Webhooks are then hints: the learner reads each annotation from Label Studio's API."""
+        return self.fetcher.trusts_label_studio
 
     # ------------------------------------------------------------------ predict
     def predict(self, tasks: list[dict], label_config: str, project=None, context: dict | None = None) -> list[dict]:
-        config = project_config(label_config, self.settings.prompt_defaults)
+        config = project_config(label_config, self.settings.prompt_defaults, self.settings["MAX_LABELS"])
         version = self.model_version(config, project)
         regions = context_regions(context)
         if regions:
@@ -107,7 +124,7 @@ class ClipBackend:
     def predict_each(self, tasks: list[dict], label_config: str, project=None) -> tuple[str, list[tuple[dict, str | None]]]:
         """The bulk path (``backend.preannotate``): every task, no time budget. Returns the model version and,
         per task, its prediction and the reason it has none (None when it has one)."""
-        config = project_config(label_config, self.settings.prompt_defaults)
+        config = project_config(label_config, self.settings.prompt_defaults, self.settings["MAX_LABELS"])
         version = self.model_version(config, project)
         return version, self._predict_tasks(tasks, config, version, project)
 
@@ -121,8 +138,9 @@ class ClipBackend:
     def _predict_chunk(self, tasks: list[dict], config: ProjectConfig, version: str,
                        project) -> list[tuple[dict, str | None]]:
         started = time.perf_counter()
-        images = self._load_images(tasks, config, cached=needed_features(config.labelsets))
-        labelled = self._label_each(images, config)
+        with self.image_memory.reservation() as reserve:   # decoded pixels held until the chunk is labelled
+            images = self._load_images(tasks, config, cached=needed_features(config.labelsets), reserve=reserve)
+            labelled = self._label_each(images, config)
         out = []
         for n, image in enumerate(images):
             if n not in labelled:
@@ -136,11 +154,11 @@ class ClipBackend:
             self.seconds_per_image = 0.7 * self.seconds_per_image + 0.3 * (time.perf_counter() - started) / decoded
         return out
 
-    def _load_images(self, tasks: list[dict], config: ProjectConfig,
-                     cached: tuple[bool, bool] | None = None) -> list[TaskImage]:
+    def _load_images(self, tasks: list[dict], config: ProjectConfig, cached: tuple[bool, bool] | None = None,
+                     reserve=None) -> list[TaskImage]:
         """Download all task images concurrently and decode each once; a failure costs only its task.
         ``cached`` = (regions, whole): look the features up first; an image whose features are all cached
-        is not decoded."""
+        is not decoded. ``reserve(n)``: called once with the decoded size of them all, before decoding."""
         control = config.controls[0]
         urls, broken = [], {}
         for i, task in enumerate(tasks):
@@ -149,8 +167,12 @@ class ClipBackend:
             except TaskDataError as error:
                 broken[i] = str(error)
                 urls.append(None)
-        fetched = iter(self.fetcher.fetch_many([u for u in urls if u is not None],
-                                               max_workers=self.settings["DOWNLOAD_WORKERS"]))
+        downloads = self.fetcher.fetch_many([u for u in urls if u is not None],
+                                            max_workers=self.settings["DOWNLOAD_WORKERS"])
+        if reserve is not None:
+            reserve(sum(decoded_bytes(d, self.settings["MAX_IMAGE_PIXELS"]) for d in downloads
+                        if isinstance(d, bytes)))
+        fetched = iter(downloads)
         images = []
         for i, (task, url) in enumerate(zip(tasks, urls)):
             if url is None:
@@ -232,9 +254,11 @@ class ClipBackend:
         return prediction_for_task(ImageLabels(width, height, named, choices), config, version)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, event: str, data: dict) -> dict:
-        """Training events queue a background update of the project's few-shot memory; answers at once."""
-        return self.learning.handle(event, data)
+    def fit(self, event: str, data: dict, authenticated: bool = False) -> dict:
+        """Training events queue a background update of the project's few-shot memory; answers at once.
+        ``authenticated``: the webhook came under URL_SECRET or with Basic Auth (else only Label Studio's API
+        is believed)."""
+        return self.learning.handle(event, data, authenticated)
 
     # ------------------------------------------------------------------ internals
     def _warm_up(self) -> float:

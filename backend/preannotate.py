@@ -7,7 +7,7 @@ that already carry a prediction of our model version, and enqueues the rest in c
 ``clip-ls``. Any number of workers on any machines sharing the Redis compute the predictions and write them
 back with ``POST /api/predictions`` under our model version, so a later "Retrieve predictions" skips them::
 
-    rq worker --url "$REDIS_URL" --worker-class rq.worker.SimpleWorker clip-ls
+    rq worker --url "$REDIS_URL" --worker-class rq.worker.SimpleWorker --serializer rq.serializers.JSONSerializer clip-ls
 
 (``SimpleWorker`` keeps the models loaded between jobs; each worker loads them once, at its first job, from its
 own environment: the same settings as the server, plus ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY`` as seen
@@ -48,6 +48,7 @@ from typing import Any, Iterator
 import requests
 
 from .jobs import QUEUE_NAME as QUEUE   # learning jobs and bulk chunks share the queue
+from .jobs import WORKER_OPTIONS, rq_queue
 from .studio.images import ImageFetchError, LabelStudioAuth
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ class LabelStudioAPI:
         self.key = key or None
         self.timeout = timeout
         self.session = requests.Session()
-        self._auth = LabelStudioAuth(self.session, timeout)
+        self._auth = LabelStudioAuth(timeout)
 
     def _headers(self, stale: str | None = None) -> dict[str, str]:
         if not self.key:
@@ -286,8 +287,8 @@ def probe_version(run: dict) -> str:
     from .model import project_config
 
     backend = worker_backend(run.get("ls_url"), bool(run.get("demo")))
-    return backend.model_version(project_config(run["label_config"], backend.settings.prompt_defaults),
-                                 run["project"])
+    config = project_config(run["label_config"], backend.settings.prompt_defaults, backend.settings["MAX_LABELS"])
+    return backend.model_version(config, run["project"])
 
 
 def run_chunk(run: dict, tasks: list[dict]) -> dict:
@@ -314,7 +315,8 @@ def process_chunk(backend, api: LabelStudioAPI, state: RunState, run: dict, task
     if started_before:
         from .model import project_config
 
-        config = project_config(run["label_config"], backend.settings.prompt_defaults)
+        config = project_config(run["label_config"], backend.settings.prompt_defaults,
+                                backend.settings["MAX_LABELS"])
         ours = {run["version"], backend.model_version(config, run["project"])}
         settled = set()
         for task in [t for t in todo if t["id"] in started_before]:
@@ -404,7 +406,7 @@ class Coordinator:
             if not hinted and status == JobStatus.QUEUED and time.monotonic() > started + 5 \
                     and not Worker.count(queue=self.queue):
                 self.say(f"waiting for an RQ worker on queue {self.queue.name!r}: start one with `rq worker --url "
-                         f"$REDIS_URL --worker-class rq.worker.SimpleWorker {self.queue.name}` or pass --workers N")
+                         f"$REDIS_URL {' '.join(WORKER_OPTIONS)} {self.queue.name}` or pass --workers N")
                 hinted = True
             if time.monotonic() > deadline:
                 job.cancel()
@@ -454,7 +456,7 @@ class Coordinator:
                 pass
             else:
                 try:
-                    reason = _reason(Job.fetch(job_id, connection=self.redis))
+                    reason = _reason(Job.fetch(job_id, connection=self.redis, serializer=self.queue.serializer))
                 except Exception:   # noqa: BLE001 - the job expired or vanished
                     reason = "its job vanished from Redis"
                 failed = state.redis.hmget(state.failed_key, [str(t) for t in leftover])
@@ -599,7 +601,7 @@ def start_workers(n: int, redis_url: str, queue: str, log_dir: Path | None = Non
         out = open(log_dir / f"worker-{i}.log", "ab") if log_dir else subprocess.DEVNULL
         try:
             workers.append(subprocess.Popen(
-                [*command, "worker", "--url", redis_url, "--worker-class", "rq.worker.SimpleWorker", queue],
+                [*command, "worker", "--url", redis_url, *WORKER_OPTIONS, queue],
                 env=env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT))
         finally:
             if out is not subprocess.DEVNULL:
@@ -636,7 +638,6 @@ def add_arguments(parser) -> None:
 
 def preannotate_command(args) -> int:
     import redis
-    from rq import Queue
 
     settings = {}
     for name, default in COORDINATOR_SETTINGS.items():
@@ -661,7 +662,7 @@ def preannotate_command(args) -> int:
     except redis.RedisError as error:
         print(f"error: cannot reach Redis at {redis_url}: {error}", file=sys.stderr)
         return 2
-    queue = Queue(args.queue, connection=connection)
+    queue = rq_queue(connection, args.queue)
     api = LabelStudioAPI(ls_url, settings["LABEL_STUDIO_API_KEY"] or None, timeout=COORDINATOR_TIMEOUT_S)
     workers = []
     if args.workers > 0:

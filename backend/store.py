@@ -45,6 +45,7 @@ from .labeling.adapter import Examples, Memory
 log = logging.getLogger(__name__)
 
 TOMBSTONE = 1e300                  # the stamp of a forgotten source: nothing is newer
+CLOCK_SLACK_S = 300                # a stored stamp further ahead of this clock was forged
 PREDICTION_TTL_S = 90 * 24 * 3600  # how long the record of a task's prediction is kept (Redis)
 SQLITE_FILE = "learning.sqlite3"
 
@@ -150,6 +151,8 @@ def _wins(change: Change, stored_stamp: float | None) -> bool:
         return True
     if stored_stamp >= TOMBSTONE:
         return False
+    if stored_stamp > time.time() + CLOCK_SLACK_S:   # from the future: forged (stamps are clamped on receipt)
+        return True
     return _stamp(change) >= stored_stamp
 
 

@@ -1,4 +1,5 @@
-"""gunicorn entry: ``gunicorn --preload --workers 1 --threads 8 --timeout 0 --bind 0.0.0.0:9090 backend.wsgi:app``.
+"""WSGI entry for any WSGI server, e.g. ``python -m waitress --listen=0.0.0.0:9090 backend.wsgi:app``
+(``python -m backend serve`` is the same app on waitress with the tested options).
 
 Settings come from the environment (``DEMO=true`` for the bundled tiny models).
 """

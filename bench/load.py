@@ -1,15 +1,15 @@
-"""Load on the real server: concurrent /predict + /webhook + /health against gunicorn, loopback only, bounded.
+"""Load on the real server: concurrent /predict + /webhook + /health against waitress, loopback only, bounded.
 
     python bench/load.py [--seconds 30] [--max-requests 5000] [--predict-clients 4] [--webhook-clients 2]
                          [--health-clients 2] [--tasks 2] [--images 24]
 
-Starts ``python -m backend serve --demo`` (gunicorn, one worker, 8 threads, the bundled tiny models) on a free
+Starts ``python -m backend serve --demo`` (waitress, one process, 8 threads, the bundled tiny models) on a free
 port of 127.0.0.1 with images under LOCAL_FILES_DOCUMENT_ROOT, measures /health alone for a few seconds (the
 baseline), then runs client threads for ``--seconds`` or until ``--max-requests`` answers, whichever comes first:
 /predict with ``--tasks`` tasks each (repeated images, so the feature cache serves many), /webhook with
 ANNOTATION_CREATED events (learning jobs run in the server's job thread), /health as Label Studio polls it.
 Every request is counted: an answer other than 2xx, a timeout or a broken connection is "lost". The server's
-resident memory (arbiter + worker) is sampled every 0.2 s. Prints requests/s, p50/p99 per route and peak RSS;
+resident memory (its process tree) is sampled every 0.2 s. Prints requests/s, p50/p99 per route and peak RSS;
 the last line is the summary. The server is stopped by its PID at the end.
 """
 from __future__ import annotations
@@ -40,6 +40,7 @@ LABELS = "".join(f'<Label value="{s}"/>' for s in KNOWN_SHAPES)
 CONFIG = (f'<View><Image name="image" value="$image"/><RectangleLabels name="label" toName="image">{LABELS}'
           f'</RectangleLabels></View>')
 TIMEOUT_S = 120.0
+SECRET = "bench-url-secret"
 
 
 def free_port() -> int:
@@ -54,8 +55,8 @@ def _kib(path: str, field: str) -> int:
 
 
 def memory(pid: int) -> tuple[int, int]:
-    """(PSS of the process tree, largest RSS of one process), bytes. gunicorn --preload forks its worker from
-    the arbiter, so their RSS share pages; the PSS sum counts each shared page once."""
+    """(PSS of the process tree, largest RSS of one process), bytes. The PSS sum counts each page shared
+    between processes once."""
     pss = rss = 0
     todo, seen = [pid], set()
     while todo:
@@ -121,9 +122,10 @@ def main() -> int:
         scene.image.resize((args.size, args.size)).save(images / f"scene_{i}.png")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "LABEL_STUDIO_URL", "BASIC_AUTH_USER")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("REDIS_URL", "LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "BASIC_AUTH_USER", "URL_SECRET")}
     env.update(LOCAL_FILES_DOCUMENT_ROOT=str(images), MODEL_DIR=str(work / "state"), TORCH_THREADS="2",
-               LOG_LEVEL="WARNING", PYTHONPATH=str(REPO))
+               LOG_LEVEL="WARNING", PYTHONPATH=str(REPO), URL_SECRET=SECRET)   # webhooks are believed under it
     log = open(work / "server.log", "wb")
     server = subprocess.Popen([sys.executable, "-m", "backend", "serve", "--demo", "--host", "127.0.0.1", "--port",
                                str(port), "--threads", str(args.threads)], cwd=REPO, env=env, stdout=log,
@@ -205,7 +207,7 @@ def run(args, server: subprocess.Popen, url: str, work: Path) -> int:
                     response = own.get(url + route, timeout=TIMEOUT_S)
                 else:
                     body = predict_body(rng) if route == "/predict" else webhook_body(rng)
-                    response = own.post(url + route, data=json.dumps(body), timeout=TIMEOUT_S,
+                    response = own.post(f"{url}/{SECRET}{route}", data=json.dumps(body), timeout=TIMEOUT_S,
                                         headers={"Content-Type": "application/json"})
                 if not response.ok:
                     error = f"HTTP {response.status_code}: {response.text[:100]}"
@@ -254,7 +256,7 @@ def run(args, server: subprocess.Popen, url: str, work: Path) -> int:
             print(f"    lost on {route}: {reason}")
     print(f"| /health idle (baseline) | 100 | 0 | | {figures['health_idle_p50_ms']:.1f} | "
           f"{figures['health_idle_p99_ms']:.1f} | |")
-    print(f"server memory (PSS, arbiter + worker): {mem_start[0] / 2**20:.0f} MiB at start, {mem_peak[0] / 2**20:.0f} "
+    print(f"server memory (PSS of the process tree): {mem_start[0] / 2**20:.0f} MiB at start, {mem_peak[0] / 2**20:.0f} "
           f"MiB peak; largest process RSS peak {mem_peak[1] / 2**20:.0f} MiB; still serving after the load: {alive}")
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1))

@@ -15,7 +15,6 @@ from backend.jobs import QUEUE_NAME as QUEUE   # the queue the backend enqueues 
 
 COMPOSE_FILE = Path(__file__).resolve().parents[1] / "docker-compose.yml"
 
-WSGI_APP = "backend.wsgi:app"
 # Settings the backend and the worker must receive (names read by backend/config.py).
 BACKEND_ENV = (
     "LABEL_STUDIO_URL",
@@ -73,12 +72,9 @@ def test_backend(services):
     assert "build" in backend
     assert 9090 in _container_ports(backend)
     command = _command(backend)
-    assert command[0] == "gunicorn"
-    assert command[-1] == WSGI_APP
-    assert "--preload" in command
-    assert command[command.index("--workers") + 1] == "1"
-    assert command[command.index("--timeout") + 1] == "0"
-    assert command[command.index("--bind") + 1] == "0.0.0.0:9090"
+    assert command[:4] == ["python", "-m", "backend", "serve"]   # waitress: slow clients cannot starve /health
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    assert command[command.index("--port") + 1] == "9090"
     assert any(str(v).endswith(":/models") for v in backend["volumes"])
 
 
@@ -92,12 +88,16 @@ def test_worker(services):
     command = shlex.split(worker_command)
     assert command[:2] == ["rq", "worker"]
     assert command[-1] == QUEUE
-    assert command[command.index("--url") + 1] == "redis://redis:6379/0"
+    assert command[command.index("--url") + 1] == "redis://:${REDIS_PASSWORD}@redis:6379/0"
     assert command[command.index("--worker-class") + 1] == "rq.worker.SimpleWorker"   # models stay loaded
+    assert command[command.index("--serializer") + 1] == "rq.serializers.JSONSerializer"   # never unpickles
 
 
 def test_redis(services):
     assert services["redis"]["image"].startswith("redis:7")
+    command = _command(services["redis"])
+    assert command[command.index("--requirepass") + 1] == "${REDIS_PASSWORD}"
+    assert command[command.index("--appendonly") + 1] == "yes"   # learned memory survives a crash
 
 
 @pytest.mark.parametrize("service", ["backend", "worker"])
@@ -106,7 +106,7 @@ def test_backend_environment(services, service):
     missing = [name for name in BACKEND_ENV if name not in env]
     assert not missing, f"{service} lacks {missing}"
     assert env["LABEL_STUDIO_URL"] == "http://label-studio:8080"
-    assert env["REDIS_URL"] == "redis://redis:6379/0"
+    assert env["REDIS_URL"].startswith("redis://:${REDIS_PASSWORD:?") and env["REDIS_URL"].endswith("@redis:6379/0")
     assert env["MODEL_DIR"] == "/models"
     # Secrets come from the caller's environment, never from the file.
     assert env["LABEL_STUDIO_API_KEY"].startswith("${LABEL_STUDIO_API_KEY")

@@ -76,7 +76,7 @@ class ParsingOnlyBackend:
         parse_label_config(label_config)
         return [{"result": [], "score": 0.0, "model_version": "v"} for _ in tasks]
 
-    def fit(self, event, data):
+    def fit(self, event, data, authenticated=False):
         return {"status": "accepted", "event": event}
 
 
@@ -126,7 +126,7 @@ def learning(tmp_path_factory):
 @example(body={"action": "ANNOTATION_CREATED", "project": {"id": 1, "label_config": CONFIG},
                "annotation": {"id": 1, "task": [1], "was_cancelled": True}, "task": {"id": 1}})
 def test_any_webhook_payload_is_handled_not_failed(learning, body):
-    answer = learning.handle(body["action"], body)
+    answer = learning.handle(body["action"], body, authenticated=True)
     assert answer["status"] in ("ignored", "queued", "done"), answer
 
 
@@ -388,7 +388,8 @@ def real_backend(local_root, tmp_path_factory):
 
     settings = Settings.from_env({"LOCAL_FILES_DOCUMENT_ROOT": str(local_root), "IMAGE_TIMEOUT": "2.5",
                                   "IMAGE_MAX_BYTES": "200000", "MAX_IMAGE_PIXELS": "4000000",
-                                  "ALLOWED_HOSTS": "127.0.0.1", "FEATURE_CACHE_MB": "0",
+                                  "ALLOWED_HOSTS": "127.0.0.1", "ALLOW_PRIVATE_HOSTS": "127.0.0.0/8",
+                                  "FEATURE_CACHE_MB": "0",
                                   "MODEL_DIR": str(tmp_path_factory.mktemp("state"))}, demo=True)
     return ClipBackend(settings, build_labeler(settings.model_spec()))
 
@@ -411,7 +412,7 @@ def test_every_bad_image_gets_an_empty_result_with_a_logged_reason(real_client, 
         (f"{main}/empty.png", "0 bytes"), (f"{main}/bomb.png", "pixels"),
         (f"{main}/text.png", "cannot decode"), (f"{main}/huge.png", "larger than the limit"),
         (f"{main}/slow.png", "timed out"), (f"{main}/hang.png", "timed out"), (f"{main}/missing.png", "not found"),
-        (f"{main}/server-error.png", "HTTP 500"), (f"{main}/to-file", "redirects to file"),
+        (f"{main}/server-error.png", "HTTP 500"), (f"{main}/to-file", "only http(s) URLs"),
         (f"{other}/ok.png", "not an allowed image host"), ("file:///etc/passwd", "refused"),
         ("ftp://127.0.0.1/x.png", "refused"), ("gopher://127.0.0.1:70/", "refused"),
         ("http://127.0.0.1:1/x.png", "connection refused"), ("http://[::1/x.png", "malformed"),

@@ -209,6 +209,7 @@ def foreign(ls):
 
 
 def fetcher_for(ls, api_key=LEGACY_TOKEN, **options) -> ImageFetcher:
+    options.setdefault("allow_private", ("127.0.0.1",))   # the foreign host is on loopback too
     return ImageFetcher(ls.url, api_key, timeout=options.pop("timeout", 5.0), **options)
 
 
@@ -296,7 +297,7 @@ def test_other_schemes_are_refused(ls, url):
 
 
 def test_redirects_to_other_schemes_are_refused(ls):
-    assert "redirects to file://" in fetch_error(fetcher_for(ls), "/redirect-to-file")
+    assert "'file:///etc/passwd': only http(s) URLs are fetched" in fetch_error(fetcher_for(ls), "/redirect-to-file")
 
 
 def test_redirect_loops_end(ls):
@@ -397,7 +398,12 @@ def test_token_kinds_are_told_apart():
 # --- reachability and limits -----------------------------------------------------------------------------
 
 def test_relative_paths_need_the_label_studio_address():
-    assert "set LABEL_STUDIO_URL" in fetch_error(ImageFetcher(api_key=LEGACY_TOKEN), "/data/upload/1/bee.png")
+    assert "set LABEL_STUDIO_URL" in fetch_error(ImageFetcher(), "/data/upload/1/bee.png")
+
+
+def test_a_key_without_the_label_studio_address_is_refused_at_once():
+    with pytest.raises(ValueError, match="LABEL_STUDIO_URL is empty"):
+        ImageFetcher(api_key=LEGACY_TOKEN)
 
 
 def test_an_unreachable_label_studio_mentions_docker_networking():

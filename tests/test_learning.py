@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from backend.app import create_app
 from backend.config import Settings
+from backend.jobs import WORKER_OPTIONS, rq_queue
 from backend.demo.scoring import MatchScore
 from backend.demo.shapes import KNOWN_SHAPES, NOVEL_SHAPES, SHAPES, scenes
 from backend.labeling.adapter import AdapterSettings, Examples, Memory, adjust_logits
@@ -67,9 +68,12 @@ def image_dir(tmp_path_factory):
     return root
 
 
+SECRET = "s3cret-path"   # URL_SECRET: webhooks under it are believed without Label Studio's API
+
+
 def make_backend(image_dir, model_dir, **env) -> ClipBackend:
-    settings = Settings.from_env({"LOCAL_FILES_DOCUMENT_ROOT": str(image_dir), "MODEL_DIR": str(model_dir), **env},
-                                 demo=True)
+    settings = Settings.from_env({"LOCAL_FILES_DOCUMENT_ROOT": str(image_dir), "MODEL_DIR": str(model_dir),
+                                  "URL_SECRET": SECRET, **env}, demo=True)
     return ClipBackend(settings, build_labeler(settings.model_spec()))
 
 
@@ -98,7 +102,7 @@ def event(action, project, config=CONFIG, **fields) -> dict:
 
 def post_webhook(client, body) -> dict:
     started = time.perf_counter()
-    response = client.post("/webhook", json=body)
+    response = client.post(f"/{SECRET}/webhook", json=body)
     elapsed = time.perf_counter() - started
     assert response.status_code == 201, response.get_json()
     assert elapsed < 1.0, f"webhook {body['action']} answered in {elapsed:.2f} s (Label Studio waits 1 s)"
@@ -114,14 +118,14 @@ def teach(client, project, config=CONFIG, keep=lambda o: True, first_id=1):
 
 
 def setup_version(client, project, config=CONFIG) -> str:
-    response = client.post("/setup", json={"project": f"{project}.1716400000", "schema": config,
+    response = client.post(f"/{SECRET}/setup", json={"project": f"{project}.1716400000", "schema": config,
                                            "hostname": "http://localhost:8080", "access_token": "x"})
     assert response.status_code == 200
     return response.get_json()["model_version"]
 
 
 def predict(client, project, tasks, config=CONFIG) -> list[dict]:
-    response = client.post("/predict", json={"tasks": tasks, "project": f"{project}.1716400000",
+    response = client.post(f"/{SECRET}/predict", json={"tasks": tasks, "project": f"{project}.1716400000",
                                              "label_config": config, "params": {"context": None}})
     assert response.status_code == 200, response.get_json()
     return response.get_json()["results"]
@@ -158,8 +162,7 @@ def _iou_max(box, boxes) -> float:
 def run_rq_worker(redis_url: str, image_dir: Path) -> str:
     """The documented worker command, in burst mode (it exits when the queue is empty)."""
     rq = Path(sys.executable).parent / "rq"
-    command = [str(rq), "worker", "--burst", "--url", redis_url, "--worker-class", "rq.worker.SimpleWorker",
-               "clip-ls"]
+    command = [str(rq), "worker", "--burst", "--url", redis_url, *WORKER_OPTIONS, "clip-ls"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "REDIS_URL": redis_url,
            "LOCAL_FILES_DOCUMENT_ROOT": str(image_dir), "TORCH_THREADS": "1"}
     out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -171,6 +174,7 @@ RESTART = """
 import json, sys
 from backend.app import create_app
 from backend.config import Settings
+from backend.jobs import WORKER_OPTIONS, rq_queue
 from backend.labeling.factory import build_labeler
 from backend.model import ClipBackend
 settings = Settings.from_env(demo=True)
@@ -208,7 +212,7 @@ def test_corrections_improve_the_next_predictions_and_survive_a_restart(where, i
            "PREDICT_BUDGET_SECONDS": "1e9"}
     if where == "redis":
         env["REDIS_URL"] = request.getfixturevalue("redis_url")
-    settings = Settings.from_env(env, demo=True)
+    settings = Settings.from_env({**env, "URL_SECRET": SECRET}, demo=True)
     backend = ClipBackend(settings, build_labeler(settings.model_spec()))
     client, project = client_for(backend), next(_projects)
     v0 = setup_version(client, project)
@@ -217,8 +221,7 @@ def test_corrections_improve_the_next_predictions_and_survive_a_restart(where, i
 
     teach(client, project)
     if where == "redis":
-        from rq import Queue
-        queue = Queue("clip-ls", connection=backend.learning.jobs.connection)
+        queue = rq_queue(backend.learning.jobs.connection)
         assert queue.count == len(TRAIN), "the webhooks queue their work on RQ, the backend does not do it"
         assert setup_version(client, project) == v0, "no new version before the new state is stored"
         log = run_rq_worker(env["REDIS_URL"], image_dir)
@@ -380,12 +383,16 @@ def test_choices_learn_from_whole_images_and_unknown_labels_are_ignored(embedded
 
 # ---------------------------------------------------------------- START_TRAINING against a Label Studio API
 class FakeLabelStudio(ThreadingHTTPServer):
-    """Answers GET /api/tasks like Label Studio 1.23.2 (pages of ``tasks`` with ``total``), with a legacy token."""
+    """Answers GET /api/tasks like Label Studio 1.23.2 (pages of ``tasks`` with ``total``), one task, one
+    annotation, one project (its label config), with a legacy token. ``extra``: annotation id → (annotation,
+    task) held besides the tasks' own."""
 
     token = "0123456789abcdef"
 
-    def __init__(self, tasks):
-        self.tasks, self.pages_served = tasks, []
+    def __init__(self, tasks, project: int):
+        self.tasks, self.pages_served, self.project, self.extra = tasks, [], project, {}
+        for task in tasks:
+            task["project"] = project
         super().__init__(("127.0.0.1", 0), _LabelStudioHandler)
 
     @property
@@ -399,6 +406,15 @@ class _LabelStudioHandler(BaseHTTPRequestHandler):
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         if self.headers.get("Authorization") != f"Token {self.server.token}":
             return self._json(401, {"detail": "Authentication credentials were not provided."})
+        kind, _, number = parts.path.strip("/").removeprefix("api/").partition("/")
+        if kind == "projects" and number == str(self.server.project):
+            return self._json(200, {"id": self.server.project, "label_config": CONFIG})
+        held = {a["id"]: (a, t) for t in self.server.tasks for a in t["annotations"]} | self.server.extra
+        if kind == "annotations" and number.isdigit() and int(number) in held:
+            return self._json(200, held[int(number)][0])
+        tasks = {t["id"]: t for t in self.server.tasks} | {t["id"]: t for _, t in self.server.extra.values()}
+        if kind == "tasks" and number.isdigit() and int(number) in tasks:
+            return self._json(200, {**tasks[int(number)], "project": self.server.project})
         if parts.path.rstrip("/") != "/api/tasks" or query.get("fields") != "all":
             return self._json(404, {"detail": "Not found."})
         page, size = int(query.get("page", 1)), int(query.get("page_size", 100))
@@ -427,16 +443,20 @@ def test_start_training_rebuilds_the_memory_from_label_studio(image_dir, tmp_pat
     for i, (task, scene) in enumerate(zip(TRAIN_TASKS[:12], TRAIN)):   # annotated tasks on both pages
         tasks[90 + i] = {**task, "annotations": [annotation(300 + i, task, rectangles(scene))]}
     tasks[95]["annotations"].append(annotation(399, TRAIN_TASKS[5], rectangles(TRAIN[5]), cancelled=True))
-    server = FakeLabelStudio(tasks)
+    project = next(_projects)
+    server = FakeLabelStudio(tasks, project)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         backend = make_backend(image_dir, tmp_path / "state", LABEL_STUDIO_URL=server.url,
                                LABEL_STUDIO_API_KEY=server.token)
-        client, project = client_for(backend), next(_projects)
-        stale = annotation(777, TRAIN_TASKS[20], rectangles(TRAIN[20]))   # learned, but gone from Label Studio
+        client = client_for(backend)
+        stale = annotation(777, TRAIN_TASKS[20], rectangles(TRAIN[20]))   # learned, then deleted in Label Studio
+        server.extra[777] = stale, TRAIN_TASKS[20]
         post_webhook(client, event("ANNOTATION_CREATED", project, annotation=stale, task=TRAIN_TASKS[20]))
         backend.learning.jobs.wait(60)
+        assert set(backend.learning.store.records(project, backend.learning.space)) == {"annotation:777"}
+        server.extra.clear()
         v1 = setup_version(client, project)
 
         answer = post_webhook(client, event("START_TRAINING", project))

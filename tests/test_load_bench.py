@@ -1,4 +1,4 @@
-"""The load bench, short: concurrent /predict + /webhook + /health against the real gunicorn server lose nothing.
+"""The load bench, short: concurrent /predict + /webhook + /health against the real server (waitress) lose nothing.
 
 Speed is not asserted here (bench/load.py prints it, the README has the figures); what is asserted is that every
 request gets a 2xx answer, the server still serves afterwards, and memory stays bounded under the load.

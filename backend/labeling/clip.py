@@ -10,12 +10,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from cachetools import LRUCache
 from transformers import AutoProcessor, CLIPModel
 from transformers.utils import logging as hf_logging
 
 from .download import fetch_clip
 from .errors import ModelUnavailable
 from .prompts import LabelSet
+
+TEXT_BATCH = 256              # prompts per text forward pass: a huge label set cannot hold inference in one go
+TEXT_CACHE_PROMPTS = 20_000   # text embeddings kept (least recently used go): bounded whatever configs arrive
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -49,7 +53,7 @@ class Clip:
         self.device = device
         self.batch_size = batch_size
         self.name = name
-        self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        self._text_cache: LRUCache = LRUCache(TEXT_CACHE_PROMPTS, getsizeof=len)   # prompt tuple → (P, D)
         self._text_lock = threading.Lock()
 
     @classmethod
@@ -92,12 +96,16 @@ class Clip:
             cached = self._text_cache.get(prompts)
         if cached is not None:
             return cached
-        tokens = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt").to(self.device)
-        features = self.model.get_text_features(**tokens)
-        features = getattr(features, "pooler_output", features)
-        embedded = F.normalize(features.float(), dim=-1).cpu()
-        with self._text_lock:
-            self._text_cache[prompts] = embedded
+        parts = []
+        for start in range(0, len(prompts), TEXT_BATCH):
+            tokens = self.tokenizer(list(prompts[start:start + TEXT_BATCH]), padding=True, truncation=True,
+                                    return_tensors="pt").to(self.device)
+            features = self.model.get_text_features(**tokens)
+            parts.append(F.normalize(getattr(features, "pooler_output", features).float(), dim=-1).cpu())
+        embedded = torch.cat(parts)
+        if len(prompts) <= TEXT_CACHE_PROMPTS:
+            with self._text_lock:
+                self._text_cache[prompts] = embedded
         return embedded
 
     def class_embeddings(self, labelset: LabelSet) -> torch.Tensor:

@@ -15,6 +15,16 @@ class ImageDecodeError(ValueError):
     """The bytes are not an image we can use; the message says why."""
 
 
+def decoded_bytes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """What ``decode_image`` will allocate for these bytes (from the header only); 0 when it will refuse them."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            pixels = image.width * image.height
+    except Exception:   # noqa: BLE001 - whatever Pillow raises, decode_image refuses the bytes and allocates nothing
+        return 0
+    return 3 * pixels if pixels <= max_pixels else 0
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """(3, H, W) uint8 RGB with EXIF orientation applied, as Label Studio displays it.
 

@@ -5,11 +5,15 @@
     /data/local-files/?d=dir/a.jpg    the disk under ``local_files_root`` when set and the file is there,
                                       else Label Studio with the API key
     s3://  gs://  azure-blob://       Label Studio's presign endpoint for the task, which redirects to the cloud
-    http(s)://...                     directly; the API key goes only to Label Studio's own host:port
+    http(s)://...                     directly; the API key goes only to Label Studio's own scheme://host:port
     file://, ftp://, ...              refused
 
+Every request goes through ``studio.http``: URLs parsed as the client connects, ambiguous ones refused, private
+addresses refused (server-side request forgery) except Label Studio's and ``allow_private``, one deadline.
+
 Label Studio's address is ``ls_url`` (LABEL_STUDIO_URL), else the ``hostname`` that /setup sent; the key is
-``api_key`` (LABEL_STUDIO_API_KEY), else /setup's ``access_token``. A key is a legacy token, sent as
+``api_key`` (LABEL_STUDIO_API_KEY), else /setup's ``access_token``. A key from the environment is never paired
+with a host from /setup: it needs LABEL_STUDIO_URL, and /setup then changes neither. A key is a legacy token, sent as
 ``Token <key>``, or a personal access token (PAT: a JWT of type "refresh"), exchanged at /api/token/refresh/
 for a short-lived access token sent as ``Bearer <access>``.
 """
@@ -19,25 +23,22 @@ import base64
 import binascii
 import json
 import logging
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import parse_qs, urlencode, urljoin, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
-import requests
-import urllib3
+from . import http
 
 log = logging.getLogger(__name__)
 CLOUD_SCHEMES = ("s3", "gs", "azure-blob")
 WEB_SCHEMES = ("http", "https")
-DEFAULT_PORTS = {"http": 80, "https": 443}
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
-MAX_REDIRECTS = 5
 RENEW_BEFORE_EXPIRY_S = 30      # renew access tokens this long before they expire: clocks and requests drift
 ACCESS_LIFETIME_S = 300         # Label Studio's access token lifetime, assumed when a token carries no "exp"
-CHUNK_BYTES = 64 * 1024
+KEY_NEEDS_URL = ("LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is empty: set LABEL_STUDIO_URL to Label "
+                 "Studio's address (the key is sent only there, never to a host that /setup names)")
 USE_A_PAT = ("set LABEL_STUDIO_API_KEY to a personal access token (Label Studio: Account & Settings → "
              "Personal Access Token)")
 
@@ -46,38 +47,49 @@ class ImageFetchError(Exception):
     """An image could not be fetched; the message names the cause and, where known, the fix."""
 
 
+class NotFound(ImageFetchError):
+    """404: the image, or the Label Studio object, does not exist."""
+
+
 class ImageFetcher:
     """Fetches task images; safe to share between threads.
 
     ``max_bytes``: larger images are refused (checked while streaming). ``timeout``: seconds for a whole
     download, connecting included. ``allowed_hosts``: host names that images may come from besides Label
-    Studio itself, redirects included (None: any host).
+    Studio itself, redirects included (None: any host). ``allow_private``: host names and CIDR networks that
+    may be private addresses (Label Studio's own origin always may).
     """
 
     def __init__(self, ls_url: str | None = None, api_key: str | None = None, local_files_root: str | None = None,
-                 max_bytes: int = 50 * 2**20, timeout: float = 30.0, allowed_hosts: tuple[str, ...] | None = None):
+                 max_bytes: int = 50 * 2**20, timeout: float = 30.0, allowed_hosts: tuple[str, ...] | None = None,
+                 allow_private: tuple[str, ...] = ()):
         self.ls_url = _base_url(ls_url, "LABEL_STUDIO_URL")
         self.api_key = api_key or None
+        if self.api_key and not self.ls_url:
+            raise ValueError(KEY_NEEDS_URL)
         self.local_files_root = Path(local_files_root).resolve() if local_files_root else None
         self.max_bytes = max_bytes
         self.timeout = timeout
         self.allowed_hosts = None if allowed_hosts is None else {host.lower() for host in allowed_hosts}
+        self.allow_private = tuple(allow_private)
         self._setup_hostname: str | None = None
         self._setup_access_token: str | None = None
-        self._session = requests.Session()
-        self._auth = LabelStudioAuth(self._session, timeout)
+        self._auth = LabelStudioAuth(timeout, self.allow_private)
 
     @classmethod
     def from_settings(cls, settings) -> "ImageFetcher":
         """The fetcher a backend or worker process builds from its settings (``backend.config.Settings``)."""
-        hosts = tuple(h.strip() for h in settings["ALLOWED_HOSTS"].split(",") if h.strip())
+        hosts = split_hosts(settings["ALLOWED_HOSTS"])
         return cls(ls_url=settings["LABEL_STUDIO_URL"] or None, api_key=settings["LABEL_STUDIO_API_KEY"] or None,
                    local_files_root=settings["LOCAL_FILES_DOCUMENT_ROOT"] or None,
                    max_bytes=settings["IMAGE_MAX_BYTES"], timeout=settings["IMAGE_TIMEOUT"],
-                   allowed_hosts=hosts or None)
+                   allowed_hosts=hosts or None, allow_private=split_hosts(settings["ALLOW_PRIVATE_HOSTS"]))
 
     def use_setup_values(self, hostname: str | None, access_token: str | None) -> None:
-        """Remember what /setup sent: used where LABEL_STUDIO_URL or LABEL_STUDIO_API_KEY is not set."""
+        """Remember what /setup sent, as a pair (its token goes only to its host, or to LABEL_STUDIO_URL when
+        set). Ignored when LABEL_STUDIO_API_KEY is set: anyone can call /setup, and the key must not follow."""
+        if self.api_key:
+            return
         self._setup_hostname = _base_url(hostname, "/setup's hostname")
         self._setup_access_token = access_token or None
 
@@ -85,6 +97,8 @@ class ImageFetcher:
         """The bytes of one task image. Raises ImageFetchError."""
         try:
             return self._fetch(url, task_id)
+        except http.Refused as error:   # the URL itself (its own message names it)
+            raise ImageFetchError(str(error)) from None
         except ValueError as error:   # malformed URLs and paths: an invalid IPv6 host, a NUL byte in a file name
             raise ImageFetchError(f"refused {url!r}: malformed ({error})") from None
 
@@ -118,23 +132,25 @@ class ImageFetcher:
         with ThreadPoolExecutor(min(max_workers, len(items)), thread_name_prefix="fetch-image") as pool:
             return list(pool.map(attempt, items))
 
-    @property
-    def setup_values(self) -> tuple[str | None, str | None]:
-        """What /setup sent (hostname, access_token), to hand to another process (an RQ worker)."""
-        return self._setup_hostname, self._setup_access_token
-
     def get_json(self, path: str, params: dict | None = None):
         """GET a Label Studio API path (e.g. ``/api/tasks``) with the API key; the decoded JSON.
         Raises ImageFetchError (with the same hints as image downloads)."""
         url = self._on_label_studio(path + ("?" + urlencode(params) if params else ""), path)
-        deadline = time.monotonic() + self.timeout
-        with self._get(url, path, deadline) as response:
-            self._check_status(response, url, path)
-            body = self._read_body(response, path, deadline)
         try:
-            return json.loads(body)
+            answer = self._get(url, path)
+        except http.Refused as error:
+            raise ImageFetchError(str(error)) from None
+        self._check_status(answer, path)
+        try:
+            return json.loads(answer.body)
         except ValueError:
             raise ImageFetchError(f"Label Studio answered {path!r} with something that is not JSON") from None
+
+    @property
+    def trusts_label_studio(self) -> bool:
+        """Whether Label Studio's API can be believed: its address from the environment (never from /setup,
+        which anyone can call) and a key to read it with."""
+        return self.ls_url is not None and self._key is not None
 
     @property
     def _label_studio(self) -> str | None:
@@ -184,43 +200,48 @@ class ImageFetcher:
         return data
 
     def _download(self, url: str, task_url: str) -> bytes:
-        """GET with redirects followed by hand, so that each hop is checked and only Label Studio gets the key."""
-        deadline = time.monotonic() + self.timeout
-        for _ in range(MAX_REDIRECTS + 1):
-            self._check_allowed(url, task_url)
-            with self._get(url, task_url, deadline) as response:
-                if response.is_redirect:
-                    url = urljoin(url, response.headers["location"])
-                    continue
-                self._check_status(response, url, task_url)
-                return self._read_body(response, task_url, deadline)
-        raise ImageFetchError(f"more than {MAX_REDIRECTS} redirects fetching {task_url!r}")
+        answer = self._get(url, task_url)
+        self._check_status(answer, task_url)
+        return answer.body
 
-    def _check_allowed(self, url: str, task_url: str) -> None:
-        parts = urlsplit(url)
-        if parts.scheme.lower() not in WEB_SCHEMES:
-            raise ImageFetchError(f"refused {task_url!r}: it redirects to {parts.scheme}://, not http(s)")
-        host = (parts.hostname or "").lower()
-        if self.allowed_hosts is not None and host not in self.allowed_hosts and not self._is_label_studio(url):
-            raise ImageFetchError(f"refused {task_url!r}: {host!r} is not an allowed image host "
-                                  f"(allowed: {sorted(self.allowed_hosts)})")
+    def _get(self, url: str, task_url: str) -> http.Answer:
+        """GET through the guard, redirects checked hop by hop; the key goes only to Label Studio (first hop)."""
+        target = http.Target.parse(url)
+        if self.allowed_hosts is not None:
+            self._check_allowed(target.origin, task_url)
+        label_studio = self._origin_of_label_studio()
+        authorization = self._authorization() if target.origin == label_studio else None
+        answer = self._request(url, authorization, task_url)
+        if answer.status == 401 and authorization and authorization.startswith("Bearer ") and answer.authorized:
+            # the access token died early (revoked, clock skew): renew it once
+            answer = self._request(url, self._authorization(stale=authorization), task_url)
+        return answer
 
-    def _get(self, url: str, task_url: str, deadline: float) -> requests.Response:
-        authorization = self._authorization() if self._is_label_studio(url) else None
-        response = self._request(url, authorization, task_url, deadline)
-        if response.status_code == 401 and authorization and authorization.startswith("Bearer "):
-            response.close()  # the access token died early (revoked, clock skew): renew it once
-            authorization = self._authorization(stale=authorization)
-            response = self._request(url, authorization, task_url, deadline)
-        return response
-
-    def _request(self, url: str, authorization: str | None, task_url: str, deadline: float) -> requests.Response:
-        headers = {"Authorization": authorization} if authorization else {}
-        left = max(deadline - time.monotonic(), 0.001)
+    def _request(self, url: str, authorization: str | None, task_url: str) -> http.Answer:
+        label_studio = self._origin_of_label_studio()
+        credentials = (label_studio, {"Authorization": authorization}) if authorization else None
+        guard = http.Guard(self.allow_private, [label_studio] if label_studio else [])
+        if self.allowed_hosts is not None:
+            guard = _AllowListGuard(guard, self, task_url)
         try:
-            return self._session.get(url, headers=headers, stream=True, allow_redirects=False, timeout=(left, left))
-        except requests.RequestException as error:
-            raise _transport_error(error, url, task_url, self.timeout) from None
+            return http.request(url, guard, timeout=self.timeout, max_bytes=self.max_bytes, credentials=credentials)
+        except http.TooLarge:
+            raise self._too_large(task_url) from None
+        except http.TimedOut as error:
+            raise ImageFetchError(f"{error} fetching {task_url!r}") from None
+        except http.Unreachable as error:
+            host = urlsplit(url).hostname
+            hint = (f"; inside Docker, {host} is the container itself: set LABEL_STUDIO_URL to "
+                    "http://host.docker.internal:PORT or the compose service name (http://label-studio:8080)"
+                    if host in LOOPBACK_HOSTS else "")
+            raise ImageFetchError(f"{error} to fetch {task_url!r}{hint}") from None
+        except http.Refused as error:
+            raise ImageFetchError(f"refused {task_url!r}: {error}") from None
+
+    def _check_allowed(self, origin: http.Origin, task_url: str) -> None:
+        if origin.host not in self.allowed_hosts and origin != self._origin_of_label_studio():
+            raise ImageFetchError(f"refused {task_url!r}: {origin.host!r} is not an allowed image host "
+                                  f"(allowed: {sorted(self.allowed_hosts)})")
 
     def _authorization(self, stale: str | None = None) -> str | None:
         """The Authorization header for Label Studio; ``stale`` is one it just refused."""
@@ -228,18 +249,18 @@ class ImageFetcher:
             return None
         return self._auth.header(self._label_studio, self._key[0], stale)
 
-    def _check_status(self, response: requests.Response, url: str, task_url: str) -> None:
-        status = response.status_code
-        if status < 400:
+    def _check_status(self, answer: http.Answer, task_url: str) -> None:
+        status = answer.status
+        if status < 300:
             return
-        if status in (401, 403) and self._is_label_studio(url):
+        if status in (401, 403) and answer.origin == self._origin_of_label_studio():
             raise ImageFetchError(self._refused_by_label_studio(status, task_url))
         if status in (401, 403):
-            raise ImageFetchError(f"{urlsplit(url).hostname} refused {task_url!r} ({status}); Label Studio "
+            raise ImageFetchError(f"{answer.origin.host} refused {task_url!r} ({status}); Label Studio "
                                   "credentials are sent only to Label Studio's own host")
         if status == 404:
-            raise ImageFetchError(f"not found (404): {task_url!r}")
-        raise ImageFetchError(f"HTTP {status} from {urlsplit(url).hostname} fetching {task_url!r}")
+            raise NotFound(f"not found (404): {task_url!r}")
+        raise ImageFetchError(f"HTTP {status} from {answer.origin.host} fetching {task_url!r}")
 
     def _refused_by_label_studio(self, status: int, task_url: str) -> str:
         refused = f"Label Studio refused {task_url!r} ({status})"
@@ -251,28 +272,22 @@ class ImageFetcher:
         return (f"{refused} with the legacy token from {source}: legacy tokens are off by default since Label "
                 f"Studio 1.17; {USE_A_PAT}, or enable legacy tokens in Label Studio")
 
-    def _read_body(self, response: requests.Response, task_url: str, deadline: float) -> bytes:
-        declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            raise self._too_large(task_url)
-        body = bytearray()
-        try:
-            # read1 returns what has arrived, so a server dripping bytes cannot hold us past the deadline
-            while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
-                body += chunk
-                if len(body) > self.max_bytes:
-                    raise self._too_large(task_url)
-                if time.monotonic() > deadline:
-                    raise ImageFetchError(f"timed out after {self.timeout:g} s fetching {task_url!r}")
-        except (urllib3.exceptions.HTTPError, OSError) as error:
-            raise ImageFetchError(f"the connection broke while reading {task_url!r}: {error}") from None
-        return bytes(body)
-
     def _too_large(self, task_url: str) -> ImageFetchError:
         return ImageFetchError(f"refused {task_url!r}: larger than the limit of {self.max_bytes} bytes")
 
-    def _is_label_studio(self, url: str) -> bool:
-        return self._label_studio is not None and _origin(url) == _origin(self._label_studio)
+    def _origin_of_label_studio(self) -> http.Origin | None:
+        return http.Origin.of(self._label_studio) if self._label_studio else None
+
+
+class _AllowListGuard:
+    """ALLOWED_HOSTS on top of the address guard: checked on every hop, redirects included."""
+
+    def __init__(self, guard: http.Guard, fetcher: ImageFetcher, task_url: str):
+        self.guard, self.fetcher, self.task_url = guard, fetcher, task_url
+
+    def address(self, origin: http.Origin) -> str:
+        self.fetcher._check_allowed(origin, self.task_url)
+        return self.guard.address(origin)
 
 
 class LabelStudioAuth:
@@ -280,9 +295,9 @@ class LabelStudioAuth:
     access token ``Bearer <access token>``, exchanged at /api/token/refresh/ and cached until shortly before it
     expires."""
 
-    def __init__(self, session: requests.Session, timeout: float):
-        self._session = session
+    def __init__(self, timeout: float, allow_private: tuple[str, ...] = ()):
         self._timeout = timeout
+        self._allow_private = allow_private
         self._lock = threading.Lock()   # one exchange at a time; the others then find its token
         self._cache: dict[tuple[str, str], tuple[str, float]] = {}   # (LS, PAT) → (access token, renew at)
 
@@ -305,24 +320,27 @@ class LabelStudioAuth:
 
     def _exchange(self, label_studio: str, pat: str) -> str:
         url = label_studio + "/api/token/refresh/"
+        origin = http.Origin.of(label_studio)
+        try:   # to Label Studio's origin only, no redirect followed: the PAT is in the body
+            answer = http.request(url, http.Guard(self._allow_private, [origin]), method="POST",
+                                  body=json.dumps({"refresh": pat}).encode(),
+                                  headers={"Content-Type": "application/json"}, timeout=self._timeout,
+                                  max_bytes=2**20, max_redirects=0)
+        except http.RequestError as error:
+            raise ImageFetchError(f"{error} (exchanging the personal access token at {url})") from None
+        if answer.status in (401, 403):
+            raise ImageFetchError(f"Label Studio rejected the personal access token ({answer.status} "
+                                  f"from {url}): it was revoked, or belongs to another Label Studio")
+        if answer.status == 404:
+            raise ImageFetchError(f"{url} does not exist: this Label Studio has no personal access tokens "
+                                  "(an old version?); use a legacy token")
         try:
-            response = self._session.post(url, json={"refresh": pat}, timeout=self._timeout)
-        except requests.RequestException as error:
-            raise _transport_error(error, url, url, self._timeout) from None
-        with response:
-            if response.status_code in (401, 403):
-                raise ImageFetchError(f"Label Studio rejected the personal access token ({response.status_code} "
-                                      f"from {url}): it was revoked, or belongs to another Label Studio")
-            if response.status_code == 404:
-                raise ImageFetchError(f"{url} does not exist: this Label Studio has no personal access tokens "
-                                      "(an old version?); use a legacy token")
-            try:
-                access = response.json()["access"] if response.ok else None
-            except (ValueError, KeyError, TypeError):
-                access = None
-            if not isinstance(access, str):
-                raise ImageFetchError(f"no access token from {url} (HTTP {response.status_code})")
-            return access
+            access = json.loads(answer.body)["access"] if answer.status == 200 else None
+        except (ValueError, KeyError, TypeError):
+            access = None
+        if not isinstance(access, str):
+            raise ImageFetchError(f"no access token from {url} (HTTP {answer.status})")
+        return access
 
 
 def is_personal_access_token(key: str) -> bool:
@@ -352,27 +370,5 @@ def _base_url(url: str | None, source: str) -> str | None:
     return url
 
 
-def _origin(url: str) -> tuple[str, int | None] | None:
-    """host and port, the default port filled in; None for a malformed URL (requests then refuses it)."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port or DEFAULT_PORTS.get(parts.scheme.lower())
-    except ValueError:
-        return None
-    return (parts.hostname or "").lower(), port
-
-
-def _transport_error(error: requests.RequestException, url: str, task_url: str, timeout: float) -> ImageFetchError:
-    host = urlsplit(url).hostname
-    hint = (f"; inside Docker, {host} is the container itself: set LABEL_STUDIO_URL to "
-            "http://host.docker.internal:PORT or the compose service name (http://label-studio:8080)"
-            if host in LOOPBACK_HOSTS else "")
-    if isinstance(error, requests.ConnectTimeout):
-        return ImageFetchError(f"cannot reach {host} within {timeout:g} s to fetch {task_url!r}{hint}")
-    if isinstance(error, requests.Timeout):
-        return ImageFetchError(f"timed out after {timeout:g} s fetching {task_url!r}")
-    if isinstance(error, requests.ConnectionError):
-        cause = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(error))   # e.g. "Connection refused"
-        reason = f" ({cause.group(1).strip()})" if cause else ""
-        return ImageFetchError(f"cannot reach {host} to fetch {task_url!r}{reason}{hint}")
-    return ImageFetchError(f"could not fetch {task_url!r}: {error}")
+def split_hosts(raw: str) -> tuple[str, ...]:
+    return tuple(h.strip() for h in raw.split(",") if h.strip())

@@ -36,6 +36,7 @@ from typing import Literal, Mapping
 
 from backend.labeling.prompts import LabelSet, PromptDefaults, label_text
 
+DEFAULT_MAX_LABELS = 1000   # labels per control
 # control tag (lower case) → (the result "type", LabelSet kind, the tag of its labels)
 SUPPORTED_CONTROLS = {
     "rectanglelabels": ("rectanglelabels", "regions", "label"),
@@ -96,10 +97,12 @@ class ProjectConfig:
         return {control.name: control.labelset for control in self.controls}
 
 
-def parse_label_config(xml: str, defaults: PromptDefaults = PromptDefaults()) -> ProjectConfig:
+def parse_label_config(xml: str, defaults: PromptDefaults = PromptDefaults(),
+                       max_labels: int = DEFAULT_MAX_LABELS) -> ProjectConfig:
     """Parse a labeling config. Raises LabelConfigError when it is malformed or has nothing to fill.
 
     ``defaults`` (the PROMPT_TEMPLATE / BACKGROUND_PROMPTS settings) apply where a control sets nothing.
+    ``max_labels``: more labels in one control is an error (MAX_LABELS; every label costs text encoding).
     """
     elements = list(_parse_xml(xml).iter())
     control_elements = [e for e in elements if _is_control(e)]
@@ -118,7 +121,7 @@ def parse_label_config(xml: str, defaults: PromptDefaults = PromptDefaults()) ->
         try:
             if control_name_counts[element.get("name")] > 1:
                 raise _Unusable("another control has the same name, so their results cannot be told apart")
-            controls.append(_control(element, _target_image(element, objects_by_name), defaults))
+            controls.append(_control(element, _target_image(element, objects_by_name), defaults, max_labels))
         except _Unusable as reason:
             problems.append(f"<{element.tag}> {element.get('name')!r}: {reason}")
     if not controls:
@@ -164,12 +167,17 @@ def _target_image(control: ElementTree.Element,
     return target
 
 
-def _control(element: ElementTree.Element, image: ElementTree.Element, defaults: PromptDefaults) -> Control:
+def _control(element: ElementTree.Element, image: ElementTree.Element, defaults: PromptDefaults,
+             max_labels: int) -> Control:
     tag = element.tag.lower()
     if tag not in SUPPORTED_CONTROLS:
         hint = HINTS.get(tag, "this backend fills only <RectangleLabels> and <Choices>")
         raise _Unusable(f"unsupported control type; {hint}")
     result_type, kind, label_tag = SUPPORTED_CONTROLS[tag]
+    labels = sum(e.tag.lower() == label_tag for e in element.iter())
+    if labels > max_labels:
+        raise LabelConfigError(f"<{element.tag}> {element.get('name')!r} has {labels} labels, above the limit of "
+                               f"{max_labels} (MAX_LABELS)")
     labelset = _labelset(element, label_tag, defaults, kind=kind, multi_label=element.get("choice") == "multiple")
     return Control(element.get("name"), element.get("toName"), result_type, image.get("value")[1:], labelset)
 

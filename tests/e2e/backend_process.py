@@ -5,11 +5,10 @@
         ...                                   # make Label Studio talk to backend.url
         backend.wait_for_log(r"webhook ANNOTATION_CREATED", since=mark)
 
-It runs ``python -m backend serve --demo --host 127.0.0.1 --port <free>`` (gunicorn, one worker, the bundled
+It runs ``python -m backend serve --demo --host 127.0.0.1 --port <free>`` (waitress, one process, the bundled
 tiny models; ``demo=False`` for the models the environment names) from the repository root with the
-interpreter running the tests (the project venv), or ``gunicorn backend.wsgi:app`` with ``DEMO=true``
-when ``wsgi=True``. stdout and stderr (the app's log
-and gunicorn's access log) go to ``workdir/backend.log``. Learned state goes to ``workdir/model-state``
+interpreter running the tests (the project venv), or ``python -m waitress backend.wsgi:app`` with
+``DEMO=true`` when ``wsgi=True``. stdout and stderr (the app's log) go to ``workdir/backend.log``. Learned state goes to ``workdir/model-state``
 (``MODEL_DIR``), so runs never share it. ``stop()`` signals only the process it started (by PID, then
 its own process group as a last resort).
 """
@@ -32,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Settings that must not leak from the developer's shell into the backend under test.
 _SCRUB = ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "LOCAL_FILES_DOCUMENT_ROOT", "REDIS_URL", "BASIC_AUTH_USER",
-          "BASIC_AUTH_PASS", "MODEL_DIR", "DEMO", "ALLOWED_HOSTS", "PROFILE", "DETECTOR", "CLIP_MODEL")
+          "BASIC_AUTH_PASS", "MODEL_DIR", "DEMO", "ALLOWED_HOSTS", "ALLOW_PRIVATE_HOSTS", "PROFILE", "DETECTOR", "CLIP_MODEL")
 
 
 class BackendError(RuntimeError):
@@ -87,8 +86,7 @@ class BackendProcess:
 
     def command(self) -> list[str]:
         if self.wsgi:
-            return [self.python, "-m", "gunicorn", "--bind", f"127.0.0.1:{self.port}", "--workers", "1",
-                    "--threads", str(self.threads), "--timeout", "0", "--preload", "--access-logfile", "-",
+            return [self.python, "-m", "waitress", f"--listen=127.0.0.1:{self.port}", f"--threads={self.threads}",
                     "backend.wsgi:app"]  # fmt: skip
         return [self.python, "-m", "backend", "serve", *(["--demo"] if self.demo else []), "--host", "127.0.0.1",
                 "--port", str(self.port), "--threads", str(self.threads)]  # fmt: skip
@@ -97,9 +95,6 @@ class BackendProcess:
         env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
         env.update(
             MODEL_DIR=str(self.workdir / "model-state"),
-            # gunicorn >= 25 opens a control socket at $XDG_RUNTIME_DIR/gunicorn.ctl (else ~/.gunicorn/):
-            # one per process, or two backends at once take each other's.
-            XDG_RUNTIME_DIR=str(self.workdir),
             TORCH_THREADS=str(self.torch_threads),  # a shared 2-core machine: no thread thrash
             LOG_LEVEL="INFO",
             PYTHONUNBUFFERED="1",

@@ -105,12 +105,14 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 def start_backend(tmp_path_factory, name: str, ls, api_key: str, e2e_timings, wsgi: bool = False) -> BackendProcess:
-    """`python -m backend serve --demo`, or with `wsgi` `gunicorn --preload backend.wsgi:app` with DEMO=true."""
+    """`python -m backend serve --demo`, or with `wsgi` `python -m waitress backend.wsgi:app` with DEMO=true."""
     backend = BackendProcess(
-        tmp_path_factory.mktemp(name), env={"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": api_key}, wsgi=wsgi
+        tmp_path_factory.mktemp(name), wsgi=wsgi,
+        # the tasks' external images are served on 127.0.0.1 too: private, so listed
+        env={"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": api_key, "ALLOW_PRIVATE_HOSTS": "127.0.0.1"}
     )
     backend.start()
-    e2e_timings(f"backend {name} ({'gunicorn backend.wsgi:app' if wsgi else 'python -m backend serve'})"
+    e2e_timings(f"backend {name} ({'waitress backend.wsgi:app' if wsgi else 'python -m backend serve'})"
                 f" {backend.url} pid {backend.pid}: start (models loaded, /health) "
                 f"{backend.timings['start_s']:.1f} s")  # fmt: skip
     return backend
@@ -396,6 +398,21 @@ def test_predictions_for_remaining_tasks_improve_and_carry_new_version(
     assert new_novel.correct_labels > old_novel.correct_labels, (report(old_novel), report(new_novel))
     assert labelled_recall(new) > labelled_recall(old), (report(old), report(new))
 
+    # Forged webhooks (no Label Studio involved, results claiming every box a star, stamped far in the future)
+    # change nothing: the backend reads annotations from Label Studio's API, which has no such ids.
+    config = ls.project(state.project_id)["label_config"]
+    mark = backend.log_mark()
+    for n, task in enumerate(remaining[:15]):
+        forged = {"action": "ANNOTATION_CREATED", "project": {"id": state.project_id, "label_config": config},
+                  "task": task, "annotation": {"id": 10**9 + n, "task": task["id"], "updated_at": "9999-01-01",
+                                               "result": truth_result([("star", (0, 0, 80, 80))])}}
+        assert requests.post(backend.url + "/webhook", json=forged, timeout=10).status_code == 201
+    backend.wait_for_log(rf"annotation {10**9 + min(14, len(remaining) - 1)} is not in Label Studio", since=mark,
+                         timeout=60)
+    setup = requests.post(backend.url + "/setup", json={"project": f"{state.project_id}.1", "schema": config},
+                          timeout=30).json()
+    assert setup["model_version"] == v1, "forged webhooks changed the model"
+
 
 def truth_result(truth: list[tuple[str, tuple]], size: int = 160) -> list[dict]:
     """Ground-truth boxes as a Label Studio annotation result (the scenes are size x size pixels)."""
@@ -452,7 +469,7 @@ def test_personal_access_token_with_legacy_tokens_off(label_studio, demo_data, t
     Last in the module: it switches an organisation-wide setting (restored on exit)."""
     ls = label_studio
     with ls.legacy_tokens_off() as pat:
-        # The other entry point: gunicorn --preload backend.wsgi:app (DEMO=true), as in the README / Dockerfile.
+        # The other entry point: backend.wsgi:app under a WSGI server (waitress, DEMO=true).
         backend = start_backend(tmp_path_factory, "personal-access-token", ls, pat, e2e_timings, wsgi=True)
         try:
             images = sorted((demo_data / "images").glob("*.png"))[:4]
@@ -479,6 +496,28 @@ def test_personal_access_token_with_legacy_tokens_off(label_studio, demo_data, t
         finally:
             backend.stop()
     assert ls.jwt_settings()["legacy_api_tokens_enabled"] is True
+
+
+def test_basic_auth_and_url_secret_still_learn(label_studio, demo_data, image_server, tmp_path_factory):
+    """Basic Auth on and no Label Studio key in the backend: Label Studio sends Basic Auth with /setup and
+    /predict, but its auto-created webhook (<model URL>/webhook) carries none; under URL_SECRET the model URL
+    holds the secret, so corrections still reach the learner, and a webhook without it is refused."""
+    ls = label_studio
+    env = {"BASIC_AUTH_USER": "ls", "BASIC_AUTH_PASS": "pw", "URL_SECRET": "e2e-secret",
+           "ALLOW_PRIVATE_HOSTS": "127.0.0.1"}
+    with BackendProcess(tmp_path_factory.mktemp("basic-auth"), env=env) as backend:
+        image = sorted((demo_data / "images").glob("*.png"))[0]
+        project = ls.create_project("e2e basic auth", (demo_data / "label_config.xml").read_text())
+        ls.import_tasks(project["id"], [{"image": f"{image_server}/{image.name}"}])
+        [task] = ls.tasks(project["id"])
+        ml = ls.connect_ml_backend(project["id"], backend.url + "/e2e-secret", auth_method="BASIC_AUTH",
+                                   basic_auth_user="ls", basic_auth_pass="pw")
+        assert ls.ml_backend(ml["id"])["state"] == "CO"
+        assert not requests.post(backend.url + "/setup", json={}, timeout=10).ok   # no secret, no Basic Auth
+        mark = backend.log_mark()
+        ls.create_annotation(task["id"], truth_result([("circle", (20, 20, 70, 70))]))
+        backend.wait_for_log(r"project \d+: learned from 1 annotation", since=mark, timeout=60)
+        assert backend.log_lines(r'"POST /webhook HTTP/1\.[01]" 201', since=mark), backend.log_tail()
 
 
 def test_backend_stops_cleanly(backend):

@@ -25,6 +25,7 @@ import pytest
 from label_studio_sdk.label_interface import LabelInterface
 
 from backend.demo.demo_data import write_demo_data
+from backend.jobs import WORKER_OPTIONS
 
 from .backend_process import REPO_ROOT, BackendProcess
 from .label_studio import LEGACY_TOKEN
@@ -77,7 +78,7 @@ def environ(label_studio, redis_url: str, tmp: Path) -> dict[str, str]:
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
                LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=LEGACY_TOKEN, REDIS_URL=redis_url,
                MODEL_DIR=str(tmp / "model-state"), DEMO="true", TORCH_THREADS="1", DOWNLOAD_WORKERS="1",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", ALLOW_PRIVATE_HOSTS="127.0.0.1")   # the slow image host is on loopback
     return env
 
 
@@ -96,8 +97,8 @@ class Workers:
     def start(self, name: str) -> subprocess.Popen:
         log = open(self.tmp / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(
-            [rq_executable(), "worker", "--url", self.redis_url, "--worker-class", "rq.worker.SimpleWorker",
-             "--name", name, "clip-ls"], env=self.env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log,
+            [rq_executable(), "worker", "--url", self.redis_url, *WORKER_OPTIONS, "--name", name, "clip-ls"],
+            env=self.env, cwd=REPO_ROOT, stdin=subprocess.DEVNULL, stdout=log,
             stderr=subprocess.STDOUT)
         log.close()
         return self.procs[name]
@@ -211,8 +212,8 @@ def test_bulk_preannotation_survives_a_killed_worker_and_a_killed_coordinator(
                                      else "(not run)"))
 
     # The connected backend reports the same version, so "Retrieve predictions" skips the predicted tasks.
-    backend = BackendProcess(tmp_path / "backend", env={"LABEL_STUDIO_URL": ls.url,
-                                                        "LABEL_STUDIO_API_KEY": LEGACY_TOKEN})
+    backend = BackendProcess(tmp_path / "backend", env={"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": LEGACY_TOKEN,
+                                                        "ALLOW_PRIVATE_HOSTS": "127.0.0.1"})
     with backend:
         ls.connect_ml_backend(project, backend.url, title="clip")
         ls.retrieve_predictions(project)
