@@ -46,7 +46,8 @@ from .labeling.pipeline import Labeler
 from .labeling.prompts import LabelSet
 from .labeling.proposals import ProposalSettings
 from .store import Change, Store, open_store
-from .studio.images import ImageFetchError, ImageFetcher, NotFound
+from .studio.api import LabelStudioAPI, LabelStudioAPIError
+from .studio.images import ImageFetchError, ImageFetcher
 from .studio.label_config import (DEFAULT_MAX_LABELS, LabelConfigError, ProjectConfig, TaskDataError,
                                   parse_label_config)
 from .studio.results import regions_from_results
@@ -56,7 +57,6 @@ log = logging.getLogger(__name__)
 LEARN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 FORGET_EVENTS = ("ANNOTATIONS_DELETED", "TASKS_DELETED")
 DELETED_IOU = 0.5        # a predicted box without an annotated box of at least this IoU was deleted: background
-TASKS_PAGE_SIZE = 100
 UNTRUSTED = ("unauthenticated webhook refused: without LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (to read what "
              "Label Studio really holds), learning needs URL_SECRET or Basic Auth")
 EMPTY = Memory()
@@ -222,24 +222,24 @@ class Learning:
             ids = {id_of(a.get("id")) for a in _as_list(data.get("annotations")) if isinstance(a, dict)} - {None}
             known = self.store.records(project_id, self.space)
             sources = [source_key(i) for i in sorted(ids) if source_key(i) in known
-                       and (not verify or self._gone(f"/api/annotations/{i}/"))]
+                       and (not verify or self._gone("annotation", i))]
         else:
             tasks = {id_of(t.get("id")) for t in _as_list(data.get("tasks")) if isinstance(t, dict)} - {None}
-            tasks = {t for t in tasks if not verify or self._gone(f"/api/tasks/{t}/")}
+            tasks = {t for t in tasks if not verify or self._gone("task", t)}
             sources = self.store.tasks_sources(project_id, self.space, tasks)
         if sources:
             self.store.apply(project_id, self.space, [Change(s, time.time(), None) for s in sources])
         return len(sources)
 
-    def _gone(self, path: str) -> bool:
+    def _gone(self, kind: str, object_id: int) -> bool:
         try:
-            self.fetcher.get_json(path)
-        except NotFound:
-            return True
-        except ImageFetchError as error:
-            log.warning("cannot check %s with Label Studio, not forgotten: %s", path, error)
+            getattr(LabelStudioAPI.of(self.fetcher), kind)(object_id)
+        except LabelStudioAPIError as error:
+            if error.status == 404:
+                return True
+            log.warning("cannot check %s %s with Label Studio, not forgotten: %s", kind, object_id, error)
             return False
-        log.warning("webhook says %s was deleted, Label Studio still has it: not forgotten", path)
+        log.warning("a webhook says %s %s was deleted, Label Studio still has it: not forgotten", kind, object_id)
         return False
 
 
@@ -269,9 +269,9 @@ class Learner:
         project = payload["project"]
         if self.fetcher.trusts_label_studio:   # believe Label Studio, not the webhook
             try:
-                config = parse_label_config(self.fetcher.get_json(f"/api/projects/{project}/")["label_config"],
+                config = parse_label_config(LabelStudioAPI.of(self.fetcher).project(project)["label_config"],
                                             max_labels=self.max_labels)
-            except (ImageFetchError, LabelConfigError, KeyError, TypeError) as error:
+            except (LabelStudioAPIError, LabelConfigError, KeyError, TypeError) as error:
                 log.warning("project %s: cannot read its labeling config from Label Studio: nothing learned: %s",
                             project, error)
                 return None
@@ -299,19 +299,24 @@ class Learner:
 
     def _from_label_studio(self, project: int, items: list[dict]) -> Iterable[dict]:
         """The annotations (and their tasks) as Label Studio holds them, for the ids the webhook named."""
+        api = LabelStudioAPI.of(self.fetcher)
         for item in items:
             annotation_id = id_of(item["annotation"]["id"] if isinstance(item["annotation"], dict)
                                   else item["annotation"])
             if annotation_id is None:
                 continue
             try:
-                annotation = self.fetcher.get_json(f"/api/annotations/{annotation_id}/")
-                task = self.fetcher.get_json(f"/api/tasks/{id_of(annotation.get('task'))}/")
-            except NotFound:
+                annotation = api.annotation(annotation_id)
+                task = api.task(id_of(annotation.get("task")))
+            except LabelStudioAPIError as error:
+                if error.status != 404:
+                    log.warning("project %s: cannot read annotation %s from Label Studio: %s", project,
+                                annotation_id, error)
+                    continue
                 log.warning("project %s: annotation %s is not in Label Studio (deleted since, or a forged "
                             "webhook): ignored", project, annotation_id)
                 continue
-            except (ImageFetchError, AttributeError) as error:
+            except AttributeError as error:   # an answer that is not an object
                 log.warning("project %s: cannot read annotation %s from Label Studio: %s", project, annotation_id,
                             error)
                 continue
@@ -325,14 +330,14 @@ class Learner:
         """Replace the project's memory by what its annotations in Label Studio teach."""
         changes, seen = [], 0
         try:
-            for task in self._tasks(project):
+            for task in (t for page in LabelStudioAPI.of(self.fetcher).pages(project) for t in page):
                 for annotation in task.get("annotations") or []:
                     if isinstance(annotation, dict) and not annotation.get("was_cancelled"):
                         seen += 1
                         change = self._change(project, config, annotation, task)
                         if change:
                             changes.append(change)
-        except ImageFetchError as error:
+        except LabelStudioAPIError as error:
             log.warning("project %s: START_TRAINING: cannot list the project's annotations in Label Studio, memory "
                         "left as it was: %s (the backend needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)",
                         project, error)
@@ -341,22 +346,6 @@ class Learner:
         log.info("project %s: rebuilt from %d annotation(s) (%d usable): revision %d", project, seen, len(changes),
                  revision)
         return revision
-
-    def _tasks(self, project: int) -> Iterable[dict]:
-        """Every task of the project with its annotations, page by page (GET /api/tasks?fields=all)."""
-        page, seen = 1, 0
-        while True:
-            answer = self.fetcher.get_json("/api/tasks", {"project": project, "fields": "all", "page": page,
-                                                          "page_size": TASKS_PAGE_SIZE})
-            tasks = answer.get("tasks", []) if isinstance(answer, dict) else answer
-            if not isinstance(tasks, list) or not tasks:
-                return
-            yield from (t for t in tasks if isinstance(t, dict))
-            seen += len(tasks)
-            total = answer.get("total") if isinstance(answer, dict) else None
-            if len(tasks) < TASKS_PAGE_SIZE or (isinstance(total, int) and seen >= total):
-                return
-            page += 1
 
     def _change(self, project: int, config: ProjectConfig, annotation: dict, task: dict) -> Change | None:
         """One annotation → its memory record; None when it cannot be used (logged)."""
