@@ -42,19 +42,16 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
-
-import requests
+from typing import Any
 
 from .jobs import QUEUE_NAME as QUEUE   # learning jobs and bulk chunks share the queue
 from .jobs import WORKER_OPTIONS, rq_queue
-from .studio.images import ImageFetchError, LabelStudioAuth
+from .studio.api import LabelStudioAPI, LabelStudioAPIError
 
 log = logging.getLogger(__name__)
 
 PREFIX = "clip-ls:preannotate"
 STATE_TTL_S = 30 * 24 * 3600           # progress is kept this long after the last activity
-PAGE_SIZE = 100                        # tasks per Label Studio API page
 RETRIES = 2                            # a chunk runs at most 1 + RETRIES times
 LOCK_TTL_S = 30                        # one coordinator per project and version; a dead one's lock lapses
 COORDINATOR_TIMEOUT_S = 10             # per Label Studio call of the coordinator: well inside the lock's life
@@ -67,90 +64,12 @@ COORDINATOR_SETTINGS = {"REDIS_URL": "", "LABEL_STUDIO_URL": "", "LABEL_STUDIO_A
                         "PREANNOTATE_JOB_TIMEOUT": 900}
 
 
-class LabelStudioAPIError(RuntimeError):
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-
-
 class LockLost(RuntimeError):
     """Another coordinator took over this project and version."""
 
 
 class StartError(RuntimeError):
     """The run cannot start (no Redis, no Label Studio, no project); the message says how to fix it."""
-
-
-# ---------------------------------------------------------------------------------------------- Label Studio
-class LabelStudioAPI:
-    """The few Label Studio calls a bulk run needs. ``key``: a legacy token (``Token``) or a personal access
-    token, exchanged for short-lived access tokens (``Bearer``)."""
-
-    def __init__(self, url: str, key: str | None, timeout: float = 60.0):
-        self.url = url.rstrip("/")
-        self.key = key or None
-        self.timeout = timeout
-        self.session = requests.Session()
-        self._auth = LabelStudioAuth(timeout)
-
-    def _headers(self, stale: str | None = None) -> dict[str, str]:
-        if not self.key:
-            return {}
-        try:
-            return {"Authorization": self._auth.header(self.url, self.key, stale)}
-        except ImageFetchError as error:
-            raise LabelStudioAPIError(str(error)) from None
-
-    def request(self, method: str, path: str, **kwargs) -> Any:
-        url = self.url + path
-        headers = self._headers()
-        try:
-            response = self.session.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
-            if response.status_code == 401 and headers.get("Authorization", "").startswith("Bearer "):
-                headers = self._headers(stale=headers["Authorization"])
-                response = self.session.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
-        except requests.RequestException as error:
-            raise LabelStudioAPIError(f"cannot reach Label Studio at {self.url}: {error}") from None
-        if not response.ok:
-            hint = (": set LABEL_STUDIO_API_KEY to a personal access token or legacy token of a user of this "
-                    "project" if response.status_code in (401, 403) else "")
-            raise LabelStudioAPIError(f"{method} {path} → HTTP {response.status_code}{hint}: {response.text[:300]}",
-                                      response.status_code)
-        try:
-            return response.json() if response.content else None
-        except ValueError:   # a proxy's HTML page, say
-            raise LabelStudioAPIError(f"{method} {path}: the answer is not JSON: {response.text[:200]!r}") from None
-
-    def project(self, project: int) -> dict:
-        return self.request("GET", f"/api/projects/{project}")
-
-    def pages(self, project: int, page_size: int = PAGE_SIZE) -> Iterator[list[dict]]:
-        """Every task of the project with its predictions, a page at a time (listing never triggers predictions)."""
-        page, seen = 1, 0
-        while True:
-            try:
-                body = self.request("GET", "/api/tasks", params={"project": project, "page": page,
-                                                                  "page_size": page_size, "fields": "all"})
-            except LabelStudioAPIError as error:
-                if error.status == 404 and page > 1:   # past the last page
-                    return
-                raise
-            tasks = body.get("tasks", []) if isinstance(body, dict) else body or []
-            yield [t for t in tasks if isinstance(t, dict)]
-            seen += len(tasks)
-            total = body.get("total") if isinstance(body, dict) else None
-            if not tasks or len(tasks) < page_size or (isinstance(total, int) and seen >= total):
-                return
-            page += 1
-
-    def prediction_versions(self, task: int) -> set[str]:
-        return {p.get("model_version") for p in self.request("GET", "/api/predictions", params={"task": task}) or []
-                if isinstance(p, dict)}
-
-    def post_prediction(self, task: int, prediction: dict, version: str) -> dict:
-        return self.request("POST", "/api/predictions", json={
-            "task": task, "result": prediction.get("result") or [], "score": prediction.get("score", 0.0),
-            "model_version": version})
 
 
 def task_versions(task: dict) -> set[str]:
