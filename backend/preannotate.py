@@ -42,7 +42,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 from .jobs import QUEUE_NAME as QUEUE   # learning jobs and bulk chunks share the queue
 from .jobs import WORKER_OPTIONS, rq_queue

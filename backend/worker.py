@@ -21,7 +21,8 @@ from .config import Settings, demo_from_env
 from .labeling.factory import build_labeler, set_threads
 from .learning import Learner
 from .model import ClipBackend, project_config
-from .preannotate import LabelStudioAPI, LabelStudioAPIError, RunState, StartError
+from .preannotate import RunState, StartError
+from .studio.api import LabelStudioAPI, LabelStudioAPIError
 
 log = logging.getLogger(__name__)
 
