@@ -27,9 +27,13 @@ BACKEND_ENV = (
 )
 
 
+def services_file() -> dict:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
 @pytest.fixture(scope="module")
 def services() -> dict:
-    return yaml.safe_load(COMPOSE_FILE.read_text())["services"]
+    return services_file()["services"]
 
 
 def _env(service: dict) -> dict:
@@ -61,9 +65,22 @@ def test_label_studio(services):
     assert ls["image"] == "heartexlabs/label-studio:1.23.2"
     assert 8080 in _container_ports(ls)
     env = _env(ls)
-    # Without these Label Studio refuses a backend on a private network (protocol §1).
+    # Label Studio reaches the backend on the compose network, its SSRF guard on for everything else: every
+    # default banned range stays banned (tests/e2e/test_ssrf_guard.py checks the mechanism on a real one).
+    import ipaddress
+
+    from e2e.test_ssrf_guard import DEFAULT_BANNED
+
     assert str(env["ML_BLOCK_LOCAL_IP"]).lower() == "false"
-    assert str(env["SSRF_PROTECTION_ENABLED"]).lower() == "false"
+    assert str(env["SSRF_PROTECTION_ENABLED"]).lower() == "true"
+    assert str(env["USE_DEFAULT_BANNED_SUBNETS"]).lower() == "false"
+    banned = [ipaddress.ip_network(n) for n in env["USER_ADDITIONAL_BANNED_SUBNETS"].split(",")]
+    network = ipaddress.ip_network(services_file()["networks"]["default"]["ipam"]["config"][0]["subnet"])
+    assert not any(network.overlaps(n) for n in banned)
+    for default in map(ipaddress.ip_network, DEFAULT_BANNED):   # all of it banned, but the compose network
+        left = [default] if not default.overlaps(network) or default.version != network.version else list(
+            default.address_exclude(network))
+        assert all(any(part.subnet_of(n) for n in banned if n.version == part.version) for part in left), default
     assert any(str(v).endswith(":/label-studio/data") for v in ls["volumes"])
 
 
