@@ -127,3 +127,31 @@ def test_without_the_models_the_command_fails_fast_with_one_message(how, tmp_pat
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.count("error:") == 1 and "python -m backend download" in out.stderr
     assert elapsed < 10, f"took {elapsed:.1f} s"
+
+
+def test_the_server_downloads_before_health_answers(hub, tmp_path):
+    """`serve` on empty caches: the download happens at start, logged, and /health answers only afterwards."""
+    from e2e.backend_process import BackendProcess
+
+    env = env_for(tmp_path, hub, CLIP_MODEL=REPO, DETECTOR="tiny_shapes",
+                  DETECTOR_WEIGHTS=str(TINY_DIR / "detector.pt"))
+    backend = BackendProcess(tmp_path / "backend", demo=False, env=env)
+    # exactly this environment: nothing of the caller's (HF_HUB_OFFLINE, proxies) reaches the server
+    backend.environ = lambda: {**env, "MODEL_DIR": str(tmp_path / "state"), "LOG_LEVEL": "INFO",
+                               "PYTHONUNBUFFERED": "1", "TORCH_THREADS": "2"}
+    with backend:
+        assert hub.gets[f"/{REPO}/resolve/{COMMIT}/model.safetensors"] == 1   # done before /health answered
+        log = backend.log_text()
+        assert log.index(f"downloading CLIP model {REPO}") < log.index("models loaded") < log.index("serving on")
+
+
+@pytest.mark.parametrize("how", ["OFFLINE=1", "HF_HUB_OFFLINE=1"])
+def test_serve_without_the_models_offline_fails_fast_naming_the_model_and_the_command(how, tmp_path):
+    name, value = how.split("=")
+    env = env_for(tmp_path, None, **{name: value, "CLIP_MODEL": REPO})
+    started = time.monotonic()
+    out = run(["-m", "backend", "serve", "--port", "9"], env)
+    elapsed = time.monotonic() - started
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert REPO in out.stderr and "python -m backend download" in out.stderr
+    assert elapsed < 10, f"took {elapsed:.1f} s"
