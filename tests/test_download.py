@@ -155,3 +155,36 @@ def test_serve_without_the_models_offline_fails_fast_naming_the_model_and_the_co
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert REPO in out.stderr and "python -m backend download" in out.stderr
     assert elapsed < 10, f"took {elapsed:.1f} s"
+
+
+FETCH_CLIP = "from backend.labeling.download import fetch_clip; print(fetch_clip('fake-org/tiny-clip'))"
+
+
+@pytest.mark.parametrize("what", ["clip", "detector"])
+def test_a_process_killed_mid_download_leaves_nothing_that_loads_and_the_next_run_completes(what, hub, tmp_path):
+    env = env_for(tmp_path, hub)
+    if what == "clip":
+        path, code = f"/{REPO}/resolve/{COMMIT}/model.safetensors", ["-c", FETCH_CLIP]
+    else:
+        path, code = f"/models/{DETECTOR_NAME}", ["-c", FETCH_DETECTOR, f"{hub.url}/models/{DETECTOR_NAME}"]
+    hub.hold_once[path] = 20_000
+    process = subprocess.Popen([sys.executable, *code], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        assert hub.held.wait(120), "the download never reached the file"
+    finally:
+        process.kill()   # SIGKILL mid-file: no cleanup code of ours runs
+        process.wait(30)
+        hub.release.set()
+    checkpoint = tmp_path / "torch" / "hub" / "checkpoints" / DETECTOR_NAME
+    if what == "clip":
+        assert run(["-c", LOAD, REPO], {**env, "HF_HUB_OFFLINE": "1"}).returncode != 0
+    else:
+        assert not checkpoint.exists()   # only a .partial file, which nothing loads
+    again = run(code, env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    if what == "clip":
+        loaded = run(["-c", LOAD, REPO], {**env, "HF_HUB_OFFLINE": "1"})
+        assert loaded.returncode == 0 and loaded.stdout.strip() == "(1, 64)", loaded.stderr[-2000:]
+    else:
+        assert checkpoint.read_bytes() == DETECTOR_BYTES
