@@ -4,7 +4,8 @@
 #   bash scripts/setup.sh [--project-only] [--no-ls] [--no-redis] [--with-chromium]
 #
 #   (1) project venv  $VENV     pip install -r requirements-test.txt (includes requirements.txt)
-#   (2) Label Studio  $LS_VENV  pip install label-studio==$LS_VERSION, a venv of its own
+#   (2) Label Studio  $LS_VENV  pip install label-studio==$LS_VERSION, a venv of its own; and one venv
+#                               per older release in $LS_RELEASES ($CLIP_LS_CACHE/ls-<release>)
 #   (3) redis-server            apt-get, only when the binary is missing
 #   (4) chromium                apt-get, only with --with-chromium or CLIP_LS_CHROMIUM=1 (screenshots)
 #
@@ -89,6 +90,9 @@ make_venv "$VENV" "$REQ_HASH" -r "$REPO_ROOT/requirements-test.txt"
 # (2) Label Studio venv
 if (( want_ls )); then
     make_venv "$LS_VENV" "label-studio==$LS_VERSION" "label-studio==$LS_VERSION"
+    for release in $LS_RELEASES; do
+        make_venv "$CLIP_LS_CACHE/ls-$release" "label-studio==$release" "label-studio==$release"
+    done
 fi
 
 # (3) redis-server

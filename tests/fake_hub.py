@@ -2,7 +2,8 @@
 ``huggingface_hub.snapshot_download`` calls (repo info, HEAD/GET of ``resolve`` with the hub's headers, Range
 requests), serving real files (the bundled tiny CLIP) under a fake repo id, and plain files for the detector.
 
-It counts the GETs per path and can cut a file off once after N bytes (a download killed midway)."""
+It counts the GETs per path and can cut a file off once after N bytes (a broken connection), or hold it after N
+bytes until ``release`` is set (``held`` is set meanwhile), so a test can kill the downloading process."""
 from __future__ import annotations
 
 import hashlib
@@ -21,6 +22,8 @@ class FakeHub:
         self.files: dict[str, bytes] = {}               # plain path → bytes (detector weights)
         self.gets: Counter = Counter()
         self.cut_once: dict[str, int] = {}              # path → bytes to send before dropping the connection
+        self.hold_once: dict[str, int] = {}             # path → bytes to send before waiting for `release`
+        self.held, self.release = threading.Event(), threading.Event()
         self.lock = threading.Lock()
         hub = self
 
@@ -45,6 +48,7 @@ class FakeHub:
         self.repos[repo] = {**files, **(extra or {})}
 
     def close(self) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -95,6 +99,9 @@ class FakeHub:
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         with self.lock:
             cut = self.cut_once.pop(path, None) if body else None
+            hold = self.hold_once.pop(path, None) if body else None
+        if hold is not None:
+            cut = hold
         if cut is None:
             return self._send(handler, status, part, body, headers)
         handler.send_response(status)
@@ -103,6 +110,9 @@ class FakeHub:
         handler.end_headers()
         handler.wfile.write(part[:cut])
         handler.wfile.flush()
+        if hold is not None:
+            self.held.set()
+            self.release.wait(60)
         handler.close_connection = True
         handler.connection.shutdown(2)   # the rest never comes: a download killed midway
 

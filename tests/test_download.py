@@ -127,3 +127,64 @@ def test_without_the_models_the_command_fails_fast_with_one_message(how, tmp_pat
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.count("error:") == 1 and "python -m backend download" in out.stderr
     assert elapsed < 10, f"took {elapsed:.1f} s"
+
+
+def test_the_server_downloads_before_health_answers(hub, tmp_path):
+    """`serve` on empty caches: the download happens at start, logged, and /health answers only afterwards."""
+    from e2e.backend_process import BackendProcess
+
+    env = env_for(tmp_path, hub, CLIP_MODEL=REPO, DETECTOR="tiny_shapes",
+                  DETECTOR_WEIGHTS=str(TINY_DIR / "detector.pt"))
+    backend = BackendProcess(tmp_path / "backend", demo=False, env=env)
+    # exactly this environment: nothing of the caller's (HF_HUB_OFFLINE, proxies) reaches the server
+    backend.environ = lambda: {**env, "MODEL_DIR": str(tmp_path / "state"), "LOG_LEVEL": "INFO",
+                               "PYTHONUNBUFFERED": "1", "TORCH_THREADS": "2"}
+    with backend:
+        assert hub.gets[f"/{REPO}/resolve/{COMMIT}/model.safetensors"] == 1   # done before /health answered
+        log = backend.log_text()
+        assert log.index(f"downloading CLIP model {REPO}") < log.index("models loaded") < log.index("serving on")
+
+
+@pytest.mark.parametrize("how", ["OFFLINE=1", "HF_HUB_OFFLINE=1"])
+def test_serve_without_the_models_offline_fails_fast_naming_the_model_and_the_command(how, tmp_path):
+    name, value = how.split("=")
+    env = env_for(tmp_path, None, **{name: value, "CLIP_MODEL": REPO})
+    started = time.monotonic()
+    out = run(["-m", "backend", "serve", "--port", "9"], env)
+    elapsed = time.monotonic() - started
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert REPO in out.stderr and "python -m backend download" in out.stderr
+    assert elapsed < 10, f"took {elapsed:.1f} s"
+
+
+FETCH_CLIP = "from backend.labeling.download import fetch_clip; print(fetch_clip('fake-org/tiny-clip'))"
+
+
+@pytest.mark.parametrize("what", ["clip", "detector"])
+def test_a_process_killed_mid_download_leaves_nothing_that_loads_and_the_next_run_completes(what, hub, tmp_path):
+    env = env_for(tmp_path, hub)
+    if what == "clip":
+        path, code = f"/{REPO}/resolve/{COMMIT}/model.safetensors", ["-c", FETCH_CLIP]
+    else:
+        path, code = f"/models/{DETECTOR_NAME}", ["-c", FETCH_DETECTOR, f"{hub.url}/models/{DETECTOR_NAME}"]
+    hub.hold_once[path] = 20_000
+    process = subprocess.Popen([sys.executable, *code], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        assert hub.held.wait(120), "the download never reached the file"
+    finally:
+        process.kill()   # SIGKILL mid-file: no cleanup code of ours runs
+        process.wait(30)
+        hub.release.set()
+    checkpoint = tmp_path / "torch" / "hub" / "checkpoints" / DETECTOR_NAME
+    if what == "clip":
+        assert run(["-c", LOAD, REPO], {**env, "HF_HUB_OFFLINE": "1"}).returncode != 0
+    else:
+        assert not checkpoint.exists()   # only a .partial file, which nothing loads
+    again = run(code, env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    if what == "clip":
+        loaded = run(["-c", LOAD, REPO], {**env, "HF_HUB_OFFLINE": "1"})
+        assert loaded.returncode == 0 and loaded.stdout.strip() == "(1, 64)", loaded.stderr[-2000:]
+    else:
+        assert checkpoint.read_bytes() == DETECTOR_BYTES

@@ -62,6 +62,20 @@ USER_ARGS = [
 ]  # fmt: skip
 
 _DEFAULT = object()  # "use the legacy token" marker for the auth= parameter
+PAT_SINCE = (1, 20)  # the oldest release checked to have personal access tokens (1.16.0 has none)
+
+
+def release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:3])
+
+
+def has_pats(version: str) -> bool:
+    """Personal access tokens, the legacy-token switch and `--enable-legacy-api-token` (absent before)."""
+    return release(version) >= PAT_SINCE
+
+
+def user_args(version: str) -> list[str]:
+    return USER_ARGS if has_pats(version) else [a for a in USER_ARGS if a != "--enable-legacy-api-token"]
 
 
 class LabelStudioError(RuntimeError):
@@ -76,6 +90,11 @@ def cache_dir() -> Path:
 def default_ls_venv() -> Path:
     """`$LS_VENV`, default `$CLIP_LS_CACHE/ls-<version>` (as in scripts/env.sh)."""
     return Path(os.environ.get("LS_VENV") or cache_dir() / f"ls-{LS_VERSION}")
+
+
+def release_venv(version: str) -> Path:
+    """The venv scripts/setup.sh builds for a release of $LS_RELEASES."""
+    return default_ls_venv() if version == LS_VERSION else cache_dir() / f"ls-{version}"
 
 
 
@@ -108,7 +127,7 @@ def _ls_environ(home: Path) -> dict[str, str]:
     return env
 
 
-def ensure_template(ls_venv: Path | None = None, cache: Path | None = None) -> Path:
+def ensure_template(ls_venv: Path | None = None, cache: Path | None = None, version: str = LS_VERSION) -> Path:
     """The initialised data dir all instances copy from; built once per machine.
 
     Built into a temporary dir and renamed into place after `init` succeeded, with a stamp
@@ -116,23 +135,23 @@ def ensure_template(ls_venv: Path | None = None, cache: Path | None = None) -> P
     """
     ls_venv = Path(ls_venv or default_ls_venv())
     cache = Path(cache or cache_dir())
-    template = cache / f"ls-template-{LS_VERSION}"
+    template = cache / f"ls-template-{version}"
     stamp = template / ".clip-ls-complete"
-    stamp_text = json.dumps({"version": LS_VERSION, "args": USER_ARGS})
+    stamp_text = json.dumps({"version": version, "args": user_args(version)})
     if stamp.is_file() and stamp.read_text() == stamp_text:
         return template
-    with _file_lock(cache / f"ls-template-{LS_VERSION}.lock"):
+    with _file_lock(cache / f"ls-template-{version}.lock"):
         if stamp.is_file() and stamp.read_text() == stamp_text:
             return template  # another process built it while we waited
         shutil.rmtree(template, ignore_errors=True)
-        building = cache / f"ls-template-{LS_VERSION}.building-{os.getpid()}"
+        building = cache / f"ls-template-{version}.building-{os.getpid()}"
         shutil.rmtree(building, ignore_errors=True)
         home = building.with_name(building.name + "-home")
         home.mkdir(parents=True)
         log = building.with_name(building.name + ".log")
         t0 = time.monotonic()
         cmd = [str(ls_venv / "bin" / "label-studio"), "init", "--data-dir", str(building),
-               "--no-browser", "--quiet", *USER_ARGS]  # fmt: skip
+               "--no-browser", "--quiet", *user_args(version)]  # fmt: skip
         with open(log, "wb") as out:
             rc = subprocess.run(cmd, env=_ls_environ(home), stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT, timeout=600).returncode  # fmt: skip
@@ -161,9 +180,11 @@ class LabelStudio:
         port: int | None = None,
         env: dict[str, str] | None = None,
         start_timeout: float = 180.0,
+        version: str = LS_VERSION,
     ) -> None:
         self.workdir = Path(workdir)
-        self.ls_venv = Path(ls_venv or default_ls_venv())
+        self.version = version
+        self.ls_venv = Path(ls_venv or release_venv(version))
         self.port = port or free_port()
         self.extra_env = dict(env or {})
         self.start_timeout = start_timeout
@@ -192,7 +213,7 @@ class LabelStudio:
         if not exe.is_file():
             raise LabelStudioError(f"{exe} not found: run `bash scripts/setup.sh` (or set LS_VENV)")
         t0 = time.monotonic()
-        template = ensure_template(self.ls_venv)
+        template = ensure_template(self.ls_venv, version=self.version)
         t1 = time.monotonic()
         self.workdir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.data_dir, ignore_errors=True)
@@ -201,7 +222,7 @@ class LabelStudio:
         t2 = time.monotonic()
         # Never `label-studio --version`: it starts a server on 0.0.0.0:8080.
         cmd = [str(exe), "start", "--data-dir", str(self.data_dir), "--port", str(self.port),
-               "--internal-host", "127.0.0.1", "--no-browser", *USER_ARGS]  # fmt: skip
+               "--internal-host", "127.0.0.1", "--no-browser", *user_args(self.version)]  # fmt: skip
         env = _ls_environ(self.home)
         env.update(self.extra_env)
         with open(self.log_path, "ab") as log:
