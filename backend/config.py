@@ -18,7 +18,7 @@ from .labeling.runtime import resolve_precision
 # (name, type, default, help). Defaults reproduce the method's recipe; `--demo` swaps in the tiny models.
 SETTINGS: tuple[tuple[str, type, Any, str], ...] = (
     ("CLIP_MODEL", str, "openai/clip-vit-base-patch32", "CLIP checkpoint: a hub id (`owner/name`, optionally `@revision`; downloaded into HF_HOME's cache on first use) or a directory"),
-    ("DETECTOR", str, "fasterrcnn_resnet50_fpn_v2", "proposal detector: fasterrcnn_resnet50_fpn_v2, fasterrcnn_resnet50_fpn, fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_mobilenet_v3_large_320_fpn, tiny_shapes"),
+    ("DETECTOR", str, "fasterrcnn_resnet50_fpn_v2", "proposal detector: fasterrcnn_resnet50_fpn_v2, fasterrcnn_resnet50_fpn, fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_mobilenet_v3_large_320_fpn, ssdlite320_mobilenet_v3_large, tiny_shapes"),
     ("DETECTOR_WEIGHTS", str, "", "detector state-dict file; empty = torchvision's COCO file in the torch hub cache (TORCH_HOME; downloaded on first use)"),
     ("DETECTOR_WEIGHTS_URL", str, "", "where to download torchvision's COCO file from (a mirror); empty = torchvision's URL; the file's hash is checked"),
     ("OFFLINE", bool, False, "never touch the network: models must be in the caches already (`HF_HUB_OFFLINE=1` does the same)"),

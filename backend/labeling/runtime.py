@@ -2,7 +2,7 @@
 
 ``auto`` picks, per device, the fastest variant that keeps the labels (see README, "Speed"): fp16 on CUDA, bf16
 on a CPU with native bf16 instructions (AVX512-BF16 or AMX), fp32 elsewhere. ``int8`` (dynamic int8 Linear
-layers in CLIP, CPU only) is offered but never picked by ``auto``: its embeddings agree less (cosine ~0.96 with
+layers in CLIP, CPU only; the detector stays fp32) is offered but never picked by ``auto``: its embeddings agree less (cosine ~0.96 with
 fp32 on ViT-B/32). The detector's convolutions (backbone, RPN head, box head) run under autocast with
 channels_last weights; its box decoding and NMS stay in fp32. CLIP's towers run under autocast too.
 """
@@ -82,13 +82,16 @@ def _to_float(out):
 
 
 def apply_to_detector(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
-    """A torchvision GeneralizedRCNN with its convolution-heavy parts in ``precision``."""
+    """A torchvision detector (Faster R-CNN or SSD) with its convolution-heavy parts in ``precision``."""
     if precision not in DTYPES:
         return model
     model.to(memory_format=torch.channels_last)
     model.backbone = Autocast(model.backbone, device, precision)
-    model.rpn.head = Autocast(model.rpn.head, device, precision)
-    model.roi_heads.box_head = Autocast(model.roi_heads.box_head, device, precision)
+    if hasattr(model, "rpn"):
+        model.rpn.head = Autocast(model.rpn.head, device, precision)
+        model.roi_heads.box_head = Autocast(model.roi_heads.box_head, device, precision)
+    else:   # SSD: one head for boxes and classes
+        model.head = Autocast(model.head, device, precision)
     return model
 
 
