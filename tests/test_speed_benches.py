@@ -27,3 +27,10 @@ def test_pipeline_bench_prints_the_precision_and_profile_lines():
                     r"peak RSS, one process with the default models: \d+\.\d\d GiB",
                     r"CLIP embeddings \w+ vs fp32: mean centred cosine [01]\.\d{4} .*"):
         assert any(re.fullmatch(pattern, line) for line in lines[:-1]), (pattern, lines)
+
+
+def test_detectors_bench_lists_the_cpu_profile_candidates():
+    lines = run_bench("detectors.py", "--tiny")
+    assert re.fullmatch(r"cpu profile \(ssdlite320_mobilenet_v3_large\) vs default \(R50-FPN v2\) detector speed-up, "
+                        r"both \w+: \d+\.\dx", lines[-1]), lines[-1]
+    assert any(line.startswith("| ssdlite320_mobilenet_v3_large | own |") and "| 21.3 |" in line for line in lines)

@@ -64,11 +64,11 @@ def build_labeler(spec: ModelSpec, *, with_detector: bool = True) -> Labeler:
     device = pick_device(spec.device)
     precision = spec.resolved_precision
     clip = Clip.load(spec.clip_model, spec.device, spec.clip_batch_size, offline=spec.offline)
-    apply_to_clip(clip.model, precision, device)
+    apply_to_clip(clip.model, precision)
     proposer = None
     if with_detector:
         detector = load_detector(spec.detector, spec.detector_weights, offline=spec.offline, url=spec.detector_url)
-        proposer = Proposer(apply_to_detector(detector, precision, device), spec.proposals, device)
+        proposer = Proposer(apply_to_detector(detector.to(device), precision), spec.proposals, device)
     return Labeler(clip, proposer, spec.crops)
 
 

@@ -1,14 +1,16 @@
 """Numeric precision of the models: which one a device gets (``PRECISION``) and how it is applied.
 
 ``auto`` picks, per device, the fastest variant that keeps the labels (see README, "Speed"): fp16 on CUDA, bf16
-on a CPU with native bf16 instructions (AVX512-BF16 or AMX), fp32 elsewhere. ``int8`` (dynamic int8 Linear
-layers in CLIP, CPU only; the detector stays fp32) is offered but never picked by ``auto``: its embeddings agree less (cosine ~0.96 with
-fp32 on ViT-B/32). The detector's convolutions (backbone, RPN head, box head) run under autocast with
-channels_last weights; its box decoding and NMS stay in fp32. CLIP's towers run under autocast too.
+on a CPU with native bf16 instructions (AVX512-BF16 or AMX; emulated bf16 is slower than fp32), fp32 elsewhere.
+The heavy parts get their weights converted once (``torch.autocast`` re-casts them on every call, which costs
+most of the gain on a CPU): the detector's backbone (channels-last) and CLIP's image tower. The RPN, the box
+heads and the text tower stay fp32: they are light, and rounding there moves boxes or the cached text
+embeddings. ``int8`` (dynamic int8 Linear layers in CLIP's image tower, CPU only; the detector stays fp32) is
+offered but never picked by ``auto``: its embeddings agree less with fp32's (see README).
 """
 from __future__ import annotations
 
-import contextlib
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
@@ -43,65 +45,41 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
-def autocast(device: torch.device, precision: str):
-    """Mixed precision for a block, or nothing for fp32 / int8."""
-    dtype = DTYPES.get(precision)
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+class LowPrecision(nn.Module):
+    """``inner`` with its weights in ``dtype`` (channels-last for convolutions): inputs are cast in, tensor
+    outputs cast back to float32, so the rest of the model is unchanged."""
 
-
-class Autocast(nn.Module):
-    """Runs ``inner`` in mixed precision and hands fp32 tensors back, so the fp32 code around it is unchanged."""
-
-    def __init__(self, inner: nn.Module, device: torch.device, precision: str):
+    def __init__(self, inner: nn.Module, dtype: torch.dtype, channels_last: bool = False):
         super().__init__()
-        self.inner = inner
-        self.device = device
-        self.precision = precision
+        self.inner = inner.to(dtype)
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.inner.to(memory_format=self.memory_format)
+        if hasattr(inner, "out_channels"):   # torchvision's detectors read it from their backbone
+            self.out_channels = inner.out_channels
 
-    def forward(self, *args, **kwargs):
-        with autocast(self.device, self.precision):
-            return _to_float(self.inner(*args, **kwargs))
-
-    def __getattr__(self, name):   # the detector reads attributes of its parts (backbone.out_channels)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("inner"), name)
-
-
-def _to_float(out):
-    if isinstance(out, torch.Tensor):
-        return out.float() if out.is_floating_point() else out
-    if isinstance(out, dict):   # in place: keeps the type (an OrderedDict of features, a transformers output)
-        for key in list(out.keys()):
-            out[key] = _to_float(out[key])
-        return out
-    if isinstance(out, (list, tuple)):
-        return type(out)(_to_float(v) for v in out)
-    return out
+    def forward(self, x: torch.Tensor):
+        out = self.inner(x.to(self.dtype).contiguous(memory_format=self.memory_format))
+        if isinstance(out, dict):   # a backbone's feature maps by level
+            return OrderedDict((key, value.float()) for key, value in out.items())
+        return out.float()
 
 
-def apply_to_detector(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
-    """A torchvision detector (Faster R-CNN or SSD) with its convolution-heavy parts in ``precision``."""
-    if precision not in DTYPES:
-        return model
-    model.to(memory_format=torch.channels_last)
-    model.backbone = Autocast(model.backbone, device, precision)
-    if hasattr(model, "rpn"):
-        model.rpn.head = Autocast(model.rpn.head, device, precision)
-        model.roi_heads.box_head = Autocast(model.roi_heads.box_head, device, precision)
-    else:   # SSD: one head for boxes and classes
-        model.head = Autocast(model.head, device, precision)
+def apply_to_detector(model: nn.Module, precision: str) -> nn.Module:
+    """A torchvision detector (Faster R-CNN or SSD) with its backbone in ``precision``."""
+    if precision in DTYPES:
+        model.backbone = LowPrecision(model.backbone, DTYPES[precision], channels_last=True)
     return model
 
 
-def apply_to_clip(model: nn.Module, precision: str, device: torch.device) -> nn.Module:
-    """CLIP's two towers in ``precision``: autocast, so layer norms and the projections stay fp32 (casting the
-    weights to bf16 instead moved 1 point of label accuracy on the tiny models; autocast moved none)."""
+def apply_to_clip(model: nn.Module, precision: str) -> nn.Module:
+    """CLIP's image tower in ``precision`` (``Clip`` casts pixels to the tower's dtype); the text tower stays fp32."""
     if precision in DTYPES:
-        model.vision_model = Autocast(model.vision_model, device, precision)
-        model.text_model = Autocast(model.text_model, device, precision)
-        return model
-    if precision == "int8":
-        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        model.vision_model.to(DTYPES[precision])
+        model.visual_projection.to(DTYPES[precision])
+    elif precision == "int8":
+        for name in ("vision_model", "visual_projection"):
+            part = getattr(model, name)
+            quantized = torch.ao.quantization.quantize_dynamic(part, {nn.Linear}, dtype=torch.qint8)
+            setattr(model, name, quantized)
     return model
