@@ -27,7 +27,7 @@ def held_out():
 
 @pytest.fixture(scope="module")
 def fp32(held_out):
-    labeler = build_labeler(tiny_spec(precision="fp32"))
+    labeler = build_labeler(tiny_spec(precision="fp32", device="cpu"))
     return score_scenes(labeler, held_out, KNOWN), label_all(labeler, held_out)
 
 
@@ -49,13 +49,14 @@ def same_label_share(reference, variant) -> float:
     return kept / max(1, total)
 
 
-CPU_VARIANTS = ["int8"] + (["bf16"] if cpu_has_bf16() else [])
+VARIANTS = [("int8", "cpu")] + ([("bf16", "cpu")] if cpu_has_bf16() else []) + (
+    [("fp16", "cuda")] if torch.cuda.is_available() else [])
 
 
-@pytest.mark.parametrize("precision", CPU_VARIANTS)
-def test_variant_keeps_the_labels(precision, held_out, fp32):
+@pytest.mark.parametrize("precision, device", VARIANTS)
+def test_variant_keeps_the_labels(precision, device, held_out, fp32):
     reference, reference_labels = fp32
-    labeler = build_labeler(tiny_spec(precision=precision, device="cpu"))
+    labeler = build_labeler(tiny_spec(precision=precision, device=device))
     score = score_scenes(labeler, held_out, KNOWN)
     share = same_label_share(reference_labels, label_all(labeler, held_out))
     print(f"{precision}: recall {score.recall:.3f} precision {score.precision:.3f} labels "

@@ -34,3 +34,11 @@ def test_detectors_bench_lists_the_cpu_profile_candidates():
     assert re.fullmatch(r"cpu profile \(ssdlite320_mobilenet_v3_large\) vs default \(R50-FPN v2\) detector speed-up, "
                         r"both \w+: \d+\.\dx", lines[-1]), lines[-1]
     assert any(line.startswith("| ssdlite320_mobilenet_v3_large | own |") and "| 21.3 |" in line for line in lines)
+
+
+def test_gpu_bench_runs_here_too():
+    """On a machine without CUDA it compares fp32 with the CPU's own default precision."""
+    lines = run_bench("gpu.py", "--tiny")
+    assert lines[0].startswith("models: tiny CLIP"), lines
+    assert any(re.fullmatch(r"fp32: end to end \d+\.\d\d images/s; .* crops/s; peak GPU memory .* GiB", line)
+               for line in lines), lines
