@@ -42,3 +42,9 @@ def test_gpu_bench_runs_here_too():
     assert lines[0].startswith("models: tiny CLIP"), lines
     assert any(re.fullmatch(r"fp32: end to end \d+\.\d\d images/s; .* crops/s; peak GPU memory .* GiB", line)
                for line in lines), lines
+
+
+def test_runtimes_bench_prints_the_table():
+    lines = run_bench("runtimes.py", "--tiny")
+    rows = [line for line in lines if re.fullmatch(r"\| .+ \| torch .+ \| \d+ \| \d+\.\d\dx \| -?[01]\.\d{4} \|", line)]
+    assert len(rows) == 11, lines   # 4 variants per CLIP tower, 3 for the detector's backbone (no Linear layers)

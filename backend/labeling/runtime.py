@@ -59,7 +59,9 @@ class LowPrecision(nn.Module):
             self.out_channels = inner.out_channels
 
     def forward(self, x: torch.Tensor):
-        out = self.inner(x.to(self.dtype).contiguous(memory_format=self.memory_format))
+        if x.is_floating_point():   # token ids stay integers
+            x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
+        out = self.inner(x)
         if isinstance(out, dict):   # a backbone's feature maps by level
             return OrderedDict((key, value.float()) for key, value in out.items())
         return out.float()
