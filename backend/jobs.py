@@ -12,7 +12,8 @@ memory) runs elsewhere:
   worker forks a fresh process per job and would load them for every job (it works, just slower).
 - without: one daemon thread in the backend process runs the jobs in order (``InProcessJobs``).
 
-Jobs are plain data (``kind``, ``payload``: JSON-like dicts) run by ``learning.Learner.run``. On Redis they are
+Jobs are plain data (``kind``, ``payload``: JSON-like dicts) run by ``learning.Learner.run`` (on RQ through
+``backend.worker.run_job``, the worker processes' composition root). On Redis they are
 JSON (RQ's JSONSerializer on every queue and worker): whoever can write to Redis can queue work, but never run
 code by unpickling. Payloads hold no secrets (workers read Label Studio's key from their own settings), live
 an hour (a day when failed), and are capped in size.
@@ -24,7 +25,6 @@ import logging
 import os
 import queue
 import threading
-import time
 import uuid
 from typing import Any, Callable
 
@@ -109,7 +109,7 @@ class RQJobs:
         size = len(json.dumps(payload))
         if size > MAX_PAYLOAD_BYTES:
             raise ValueError(f"a {kind} job of {size:,} bytes is above the limit of {MAX_PAYLOAD_BYTES:,}")
-        job = self.queue.enqueue("backend.jobs.run_job", kind, payload, job_timeout=JOB_TIMEOUT_S.get(kind, 3600),
+        job = self.queue.enqueue("backend.worker.run_job", kind, payload, job_timeout=JOB_TIMEOUT_S.get(kind, 3600),
                                  result_ttl=RESULT_TTL_S, failure_ttl=FAILURE_TTL_S,
                                  description=f"clip-ls {kind} project {payload.get('project')}")
         return job.id
@@ -121,45 +121,3 @@ def rq_queue(connection, name: str = QUEUE_NAME):
     from rq.serializers import JSONSerializer
 
     return Queue(name, connection=connection, serializer=JSONSerializer)
-
-
-# ---------------------------------------------------------------- the RQ worker side
-_models: dict[bool, tuple[Any, Any]] = {}
-_learners: dict[bool, Any] = {}
-_worker_lock = threading.Lock()
-
-
-def run_job(kind: str, payload: dict):
-    """What an RQ worker runs. Models load once per worker process, at the first job (lazily)."""
-    return worker_learner(bool(payload.get("demo"))).run(kind, payload)
-
-
-def worker_models(demo: bool) -> tuple[Any, Any]:
-    """The worker process's settings (from its environment) and models (a ``Labeler``), loaded once at the first
-    job that needs them and shared by learning jobs and bulk pre-annotation chunks. ``demo`` (or ``DEMO=true`` in
-    the worker's environment): the bundled tiny models."""
-    from .config import Settings, demo_from_env
-
-    demo = demo or demo_from_env()
-    with _worker_lock:
-        if demo not in _models:
-            from .labeling.factory import build_labeler, set_threads
-
-            settings = Settings.from_env(demo=demo)
-            set_threads(settings["TORCH_THREADS"])
-            started = time.perf_counter()
-            _models[demo] = settings, build_labeler(settings.model_spec())
-            log.info("worker: models loaded in %.1f s (%s)", time.perf_counter() - started,
-                     "demo" if demo else settings["CLIP_MODEL"])
-        return _models[demo]
-
-
-def worker_learner(demo: bool):
-    """The worker process's ``Learner``."""
-    settings, labeler = worker_models(demo)
-    with _worker_lock:
-        if settings.demo not in _learners:
-            from .learning import Learner
-
-            _learners[settings.demo] = Learner.from_settings(settings, labeler)
-        return _learners[settings.demo]

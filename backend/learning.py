@@ -32,7 +32,6 @@ import logging
 import threading
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
 from typing import Iterable
 
 import torch
@@ -46,17 +45,19 @@ from .labeling.pipeline import Labeler
 from .labeling.prompts import LabelSet
 from .labeling.proposals import ProposalSettings
 from .store import Change, Store, open_store
-from .studio.images import ImageFetchError, ImageFetcher, NotFound
+from .studio.api import LabelStudioAPI, LabelStudioAPIError
+from .studio.images import ImageFetchError, ImageFetcher
 from .studio.label_config import (DEFAULT_MAX_LABELS, LabelConfigError, ProjectConfig, TaskDataError,
                                   parse_label_config)
 from .studio.results import regions_from_results
+from .studio.webhooks import (annotation_ids, annotation_items, deleted_ids, id_of, label_config_of, project_id_of,
+                              stamp)
 
 log = logging.getLogger(__name__)
 
 LEARN_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 FORGET_EVENTS = ("ANNOTATIONS_DELETED", "TASKS_DELETED")
 DELETED_IOU = 0.5        # a predicted box without an annotated box of at least this IoU was deleted: background
-TASKS_PAGE_SIZE = 100
 UNTRUSTED = ("unauthenticated webhook refused: without LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (to read what "
              "Label Studio really holds), learning needs URL_SECRET or Basic Auth")
 EMPTY = Memory()
@@ -177,7 +178,7 @@ class Learning:
                 return {"status": "ignored", "event": event, "reason": "no annotation id"}
             job = self.jobs.submit("learn", payload | {"items": [{"annotation": i} for i in ids]})
             return {"status": "queued", "event": event, "job": job, "annotations": len(ids)}
-        label_config = _label_config(data.get("project"))
+        label_config = label_config_of(data.get("project"))
         if label_config is None:
             log.warning("webhook %s for project %s has no label_config: ignored", event, project_id)
             return {"status": "ignored", "event": event, "reason": "no label_config in the project"}
@@ -190,7 +191,7 @@ class Learning:
         cancelled = [i for i in items if i["annotation"].get("was_cancelled")]
         if cancelled:   # nothing to learn; forget what an earlier version of it taught
             self.store.apply(project_id, self.space, [
-                Change(source_key(i["annotation"]["id"]), _stamp(i["annotation"]),
+                Change(source_key(i["annotation"]["id"]), stamp(i["annotation"]),
                        Examples((), (), torch.zeros(0, 0), i["task"].get("id")).to_bytes(), i["task"].get("id"))
                 for i in cancelled])
         if not live:
@@ -221,27 +222,27 @@ class Learning:
         """Tombstones only for records the store holds (a tombstone for an id not yet learned would block it
         forever); with ``verify``, only for those Label Studio no longer has."""
         if event == "ANNOTATIONS_DELETED":
-            ids = {id_of(a.get("id")) for a in _as_list(data.get("annotations")) if isinstance(a, dict)} - {None}
+            ids = set(deleted_ids(data, "annotations"))
             known = self.store.records(project_id, self.space)
             sources = [source_key(i) for i in sorted(ids) if source_key(i) in known
-                       and (not verify or self._gone(f"/api/annotations/{i}/"))]
+                       and (not verify or self._gone("annotation", i))]
         else:
-            tasks = {id_of(t.get("id")) for t in _as_list(data.get("tasks")) if isinstance(t, dict)} - {None}
-            tasks = {t for t in tasks if not verify or self._gone(f"/api/tasks/{t}/")}
+            tasks = set(deleted_ids(data, "tasks"))
+            tasks = {t for t in tasks if not verify or self._gone("task", t)}
             sources = self.store.tasks_sources(project_id, self.space, tasks)
         if sources:
             self.store.apply(project_id, self.space, [Change(s, time.time(), None) for s in sources])
         return len(sources)
 
-    def _gone(self, path: str) -> bool:
+    def _gone(self, kind: str, object_id: int) -> bool:
         try:
-            self.fetcher.get_json(path)
-        except NotFound:
-            return True
-        except ImageFetchError as error:
-            log.warning("cannot check %s with Label Studio, not forgotten: %s", path, error)
+            getattr(LabelStudioAPI.of(self.fetcher), kind)(object_id)
+        except LabelStudioAPIError as error:
+            if error.status == 404:
+                return True
+            log.warning("cannot check %s %s with Label Studio, not forgotten: %s", kind, object_id, error)
             return False
-        log.warning("webhook says %s was deleted, Label Studio still has it: not forgotten", path)
+        log.warning("a webhook says %s %s was deleted, Label Studio still has it: not forgotten", kind, object_id)
         return False
 
 
@@ -271,9 +272,9 @@ class Learner:
         project = payload["project"]
         if self.fetcher.trusts_label_studio:   # believe Label Studio, not the webhook
             try:
-                config = parse_label_config(self.fetcher.get_json(f"/api/projects/{project}/")["label_config"],
+                config = parse_label_config(LabelStudioAPI.of(self.fetcher).project(project)["label_config"],
                                             max_labels=self.max_labels)
-            except (ImageFetchError, LabelConfigError, KeyError, TypeError) as error:
+            except (LabelStudioAPIError, LabelConfigError, KeyError, TypeError) as error:
                 log.warning("project %s: cannot read its labeling config from Label Studio: nothing learned: %s",
                             project, error)
                 return None
@@ -301,19 +302,24 @@ class Learner:
 
     def _from_label_studio(self, project: int, items: list[dict]) -> Iterable[dict]:
         """The annotations (and their tasks) as Label Studio holds them, for the ids the webhook named."""
+        api = LabelStudioAPI.of(self.fetcher)
         for item in items:
             annotation_id = id_of(item["annotation"]["id"] if isinstance(item["annotation"], dict)
                                   else item["annotation"])
             if annotation_id is None:
                 continue
             try:
-                annotation = self.fetcher.get_json(f"/api/annotations/{annotation_id}/")
-                task = self.fetcher.get_json(f"/api/tasks/{id_of(annotation.get('task'))}/")
-            except NotFound:
+                annotation = api.annotation(annotation_id)
+                task = api.task(id_of(annotation.get("task")))
+            except LabelStudioAPIError as error:
+                if error.status != 404:
+                    log.warning("project %s: cannot read annotation %s from Label Studio: %s", project,
+                                annotation_id, error)
+                    continue
                 log.warning("project %s: annotation %s is not in Label Studio (deleted since, or a forged "
                             "webhook): ignored", project, annotation_id)
                 continue
-            except (ImageFetchError, AttributeError) as error:
+            except AttributeError as error:   # an answer that is not an object
                 log.warning("project %s: cannot read annotation %s from Label Studio: %s", project, annotation_id,
                             error)
                 continue
@@ -327,14 +333,14 @@ class Learner:
         """Replace the project's memory by what its annotations in Label Studio teach."""
         changes, seen = [], 0
         try:
-            for task in self._tasks(project):
+            for task in (t for page in LabelStudioAPI.of(self.fetcher).pages(project) for t in page):
                 for annotation in task.get("annotations") or []:
                     if isinstance(annotation, dict) and not annotation.get("was_cancelled"):
                         seen += 1
                         change = self._change(project, config, annotation, task)
                         if change:
                             changes.append(change)
-        except ImageFetchError as error:
+        except LabelStudioAPIError as error:
             log.warning("project %s: START_TRAINING: cannot list the project's annotations in Label Studio, memory "
                         "left as it was: %s (the backend needs LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY)",
                         project, error)
@@ -344,29 +350,13 @@ class Learner:
                  revision)
         return revision
 
-    def _tasks(self, project: int) -> Iterable[dict]:
-        """Every task of the project with its annotations, page by page (GET /api/tasks?fields=all)."""
-        page, seen = 1, 0
-        while True:
-            answer = self.fetcher.get_json("/api/tasks", {"project": project, "fields": "all", "page": page,
-                                                          "page_size": TASKS_PAGE_SIZE})
-            tasks = answer.get("tasks", []) if isinstance(answer, dict) else answer
-            if not isinstance(tasks, list) or not tasks:
-                return
-            yield from (t for t in tasks if isinstance(t, dict))
-            seen += len(tasks)
-            total = answer.get("total") if isinstance(answer, dict) else None
-            if len(tasks) < TASKS_PAGE_SIZE or (isinstance(total, int) and seen >= total):
-                return
-            page += 1
-
     def _change(self, project: int, config: ProjectConfig, annotation: dict, task: dict) -> Change | None:
         """One annotation → its memory record; None when it cannot be used (logged)."""
         annotation_id, task_id = annotation.get("id"), task.get("id")
         if annotation_id is None:
             return None
         if annotation.get("was_cancelled"):   # nothing to learn; forget what an earlier version of it taught
-            return Change(source_key(annotation_id), _stamp(annotation),
+            return Change(source_key(annotation_id), stamp(annotation),
                           Examples((), (), torch.zeros(0, 0), task_id).to_bytes(), task_id)
         try:
             examples = self.examples(project, config, annotation, task)
@@ -374,7 +364,7 @@ class Learner:
             log.warning("project %s, task %s, annotation %s: not learned: %s", project, task_id, annotation_id,
                         error)
             return None
-        return Change(source_key(annotation_id), _stamp(annotation), examples.to_bytes(), task_id)
+        return Change(source_key(annotation_id), stamp(annotation), examples.to_bytes(), task_id)
 
     def examples(self, project: int, config: ProjectConfig, annotation: dict, task: dict) -> Examples:
         """Embeddings of the annotated boxes (labelled), of predicted boxes the annotator deleted (background)
@@ -421,84 +411,6 @@ class Learner:
 
 
 # ---------------------------------------------------------------------- helpers
-def project_id_of(project) -> int | None:
-    """``"12.1716400000"`` (setup/predict), ``12`` or ``{"id": 12, ...}`` (webhooks) → 12."""
-    if isinstance(project, dict):
-        project = project.get("id")
-    return id_of(project.split(".")[0] if isinstance(project, str) else project)
-
-
-def id_of(value) -> int | None:
-    """A Label Studio id (an int, or its digits as a string) within a 64-bit integer, else None."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    return value if type(value) is int and 0 <= value < 2**63 else None
-
-
-def annotation_items(data: dict) -> list[dict]:
-    """The (annotation, task) pairs of an ANNOTATION_CREATED/UPDATED or bulk ANNOTATIONS_CREATED payload, cut
-    down to what learning needs (the job payload stays small)."""
-    received = time.time()
-    annotations = [a for a in _as_list(data.get("annotation") or data.get("annotations")) if isinstance(a, dict)]
-    tasks = {id_of(t.get("id")): t for t in _as_list(data.get("task") or data.get("tasks")) if isinstance(t, dict)}
-    tasks.pop(None, None)
-    items = []
-    for annotation in annotations:
-        task_ref = annotation.get("task")
-        task = tasks.get(id_of(task_ref.get("id") if isinstance(task_ref, dict) else task_ref))
-        if task is None and len(tasks) == 1 and len(annotations) == 1:
-            task = next(iter(tasks.values()))
-        if task is None or id_of(annotation.get("id")) is None:
-            log.warning("annotation %r comes without its task or an id: ignored", annotation.get("id"))
-            continue
-        snapshot = annotation.get("prediction")
-        stamp = _stamp(annotation, received)
-        items.append({
-            "annotation": {"id": id_of(annotation.get("id")), "result": _as_list(annotation.get("result")),
-                           "was_cancelled": bool(annotation.get("was_cancelled")),
-                           # one stamp for every job of this event, at most the time of receipt
-                           "updated_at": datetime.fromtimestamp(stamp, timezone.utc).isoformat(),
-                           "prediction": {"result": snapshot.get("result")} if isinstance(snapshot, dict) else None},
-            "task": {"id": id_of(task.get("id")), "data": _as_dict(task.get("data"))},
-        })
-    return items
-
-
-def annotation_ids(data: dict) -> list[int]:
-    """The annotation ids a webhook names (all that is believed of it when Label Studio's API is at hand)."""
-    ids = [id_of(a.get("id")) for a in _as_list(data.get("annotation") or data.get("annotations"))
-           if isinstance(a, dict)]
-    return sorted({i for i in ids if i is not None})
-
-
-def _as_dict(value) -> dict:
-    return value if isinstance(value, dict) else {}
-
-
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return value if isinstance(value, list) else [value]
-
-
-def _label_config(project) -> str | None:
-    config = project.get("label_config") if isinstance(project, dict) else None
-    return config if isinstance(config, str) and config.strip() else None
-
-
-def _stamp(annotation: dict, received: float | None = None) -> float:
-    """When the annotation was last changed (its ``updated_at``), else now; never later than ``received`` (or
-    now): a stamp from the future would beat every real update."""
-    now = time.time() if received is None else received
-    text = annotation.get("updated_at") or annotation.get("created_at")
-    if isinstance(text, str):
-        try:
-            return min(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp(), now)
-        except (ValueError, OverflowError):
-            pass
-    return now
-
-
 def _compact_item(item: dict) -> dict:
     keep = ("from_name", "to_name", "type", "value", "original_width", "original_height", "image_rotation")
     return {k: item[k] for k in keep if k in item}

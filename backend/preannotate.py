@@ -39,23 +39,18 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
-
-import requests
 
 from .jobs import QUEUE_NAME as QUEUE   # learning jobs and bulk chunks share the queue
 from .jobs import WORKER_OPTIONS, rq_queue
-from .studio.images import ImageFetchError, LabelStudioAuth
+from .studio.api import LabelStudioAPI, LabelStudioAPIError
 
 log = logging.getLogger(__name__)
 
 PREFIX = "clip-ls:preannotate"
 STATE_TTL_S = 30 * 24 * 3600           # progress is kept this long after the last activity
-PAGE_SIZE = 100                        # tasks per Label Studio API page
 RETRIES = 2                            # a chunk runs at most 1 + RETRIES times
 LOCK_TTL_S = 30                        # one coordinator per project and version; a dead one's lock lapses
 COORDINATOR_TIMEOUT_S = 10             # per Label Studio call of the coordinator: well inside the lock's life
@@ -68,90 +63,12 @@ COORDINATOR_SETTINGS = {"REDIS_URL": "", "LABEL_STUDIO_URL": "", "LABEL_STUDIO_A
                         "PREANNOTATE_JOB_TIMEOUT": 900}
 
 
-class LabelStudioAPIError(RuntimeError):
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-
-
 class LockLost(RuntimeError):
     """Another coordinator took over this project and version."""
 
 
 class StartError(RuntimeError):
     """The run cannot start (no Redis, no Label Studio, no project); the message says how to fix it."""
-
-
-# ---------------------------------------------------------------------------------------------- Label Studio
-class LabelStudioAPI:
-    """The few Label Studio calls a bulk run needs. ``key``: a legacy token (``Token``) or a personal access
-    token, exchanged for short-lived access tokens (``Bearer``)."""
-
-    def __init__(self, url: str, key: str | None, timeout: float = 60.0):
-        self.url = url.rstrip("/")
-        self.key = key or None
-        self.timeout = timeout
-        self.session = requests.Session()
-        self._auth = LabelStudioAuth(timeout)
-
-    def _headers(self, stale: str | None = None) -> dict[str, str]:
-        if not self.key:
-            return {}
-        try:
-            return {"Authorization": self._auth.header(self.url, self.key, stale)}
-        except ImageFetchError as error:
-            raise LabelStudioAPIError(str(error)) from None
-
-    def request(self, method: str, path: str, **kwargs) -> Any:
-        url = self.url + path
-        headers = self._headers()
-        try:
-            response = self.session.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
-            if response.status_code == 401 and headers.get("Authorization", "").startswith("Bearer "):
-                headers = self._headers(stale=headers["Authorization"])
-                response = self.session.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
-        except requests.RequestException as error:
-            raise LabelStudioAPIError(f"cannot reach Label Studio at {self.url}: {error}") from None
-        if not response.ok:
-            hint = (": set LABEL_STUDIO_API_KEY to a personal access token or legacy token of a user of this "
-                    "project" if response.status_code in (401, 403) else "")
-            raise LabelStudioAPIError(f"{method} {path} → HTTP {response.status_code}{hint}: {response.text[:300]}",
-                                      response.status_code)
-        try:
-            return response.json() if response.content else None
-        except ValueError:   # a proxy's HTML page, say
-            raise LabelStudioAPIError(f"{method} {path}: the answer is not JSON: {response.text[:200]!r}") from None
-
-    def project(self, project: int) -> dict:
-        return self.request("GET", f"/api/projects/{project}")
-
-    def pages(self, project: int, page_size: int = PAGE_SIZE) -> Iterator[list[dict]]:
-        """Every task of the project with its predictions, a page at a time (listing never triggers predictions)."""
-        page, seen = 1, 0
-        while True:
-            try:
-                body = self.request("GET", "/api/tasks", params={"project": project, "page": page,
-                                                                  "page_size": page_size, "fields": "all"})
-            except LabelStudioAPIError as error:
-                if error.status == 404 and page > 1:   # past the last page
-                    return
-                raise
-            tasks = body.get("tasks", []) if isinstance(body, dict) else body or []
-            yield [t for t in tasks if isinstance(t, dict)]
-            seen += len(tasks)
-            total = body.get("total") if isinstance(body, dict) else None
-            if not tasks or len(tasks) < page_size or (isinstance(total, int) and seen >= total):
-                return
-            page += 1
-
-    def prediction_versions(self, task: int) -> set[str]:
-        return {p.get("model_version") for p in self.request("GET", "/api/predictions", params={"task": task}) or []
-                if isinstance(p, dict)}
-
-    def post_prediction(self, task: int, prediction: dict, version: str) -> dict:
-        return self.request("POST", "/api/predictions", json={
-            "task": task, "result": prediction.get("result") or [], "score": prediction.get("score", 0.0),
-            "model_version": version})
 
 
 def task_versions(task: dict) -> set[str]:
@@ -236,131 +153,6 @@ _EXTEND_IF_OURS = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.ca
 _DELETE_IF_OURS = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
-# ---------------------------------------------------------------------------------------------- worker side
-_backends: dict[tuple[str, bool], Any] = {}
-_backends_lock = threading.Lock()
-
-
-def worker_backend(ls_url: str | None, demo: bool):
-    """The worker process's ``ClipBackend`` for one Label Studio, around the worker's models (loaded once).
-
-    The worker's own ``LABEL_STUDIO_URL`` wins over the coordinator's: it is how this machine reaches Label
-    Studio (a container name, say), while the coordinator may run elsewhere."""
-    from .config import Settings
-    from .jobs import worker_models
-
-    base, labeler = worker_models(demo)
-    url = base["LABEL_STUDIO_URL"] or ls_url or ""
-    with _backends_lock:
-        if (url, base.demo) not in _backends:
-            from .model import ClipBackend
-
-            if not base["REDIS_URL"]:
-                log.warning("worker: REDIS_URL is not set in this worker's environment, so it shares neither the "
-                            "feature cache nor the learned corrections of the server; its predictions may carry "
-                            "another model version than the server's /setup. Set REDIS_URL as for the server")
-            settings = Settings({**base.values, "LABEL_STUDIO_URL": url}, base.demo)
-            _backends[(url, base.demo)] = ClipBackend(settings, labeler)
-        return _backends[(url, base.demo)]
-
-
-def _worker_api(backend) -> LabelStudioAPI:
-    url = backend.settings["LABEL_STUDIO_URL"]   # the worker's own, else the coordinator's (worker_backend)
-    if not url:
-        raise StartError("the worker does not know Label Studio's address: set LABEL_STUDIO_URL")
-    return LabelStudioAPI(url, backend.settings["LABEL_STUDIO_API_KEY"] or None)
-
-
-def _connection():
-    from rq import get_current_job
-
-    job = get_current_job()
-    if job is not None:
-        return job.connection
-    import redis
-
-    return redis.Redis.from_url(os.environ["REDIS_URL"])
-
-
-def probe_version(run: dict) -> str:
-    """RQ job: the model version this worker's settings give the project (the coordinator keys progress by it)."""
-    from .model import project_config
-
-    backend = worker_backend(run.get("ls_url"), bool(run.get("demo")))
-    config = project_config(run["label_config"], backend.settings.prompt_defaults, backend.settings["MAX_LABELS"])
-    return backend.model_version(config, run["project"])
-
-
-def run_chunk(run: dict, tasks: list[dict]) -> dict:
-    """RQ job: predict a chunk of tasks and write each prediction back to Label Studio."""
-    backend = worker_backend(run.get("ls_url"), bool(run.get("demo")))
-    state = RunState(_connection(), run["project"], run["version"])
-    return process_chunk(backend, _worker_api(backend), state, run, tasks)
-
-
-def process_chunk(backend, api: LabelStudioAPI, state: RunState, run: dict, tasks: list[dict]) -> dict:
-    """Skip done tasks, settle the ones an earlier attempt started, predict the rest and post them.
-
-    Per task failures (image, a task Label Studio no longer has) are recorded and the chunk goes on; anything
-    else (Label Studio or Redis unreachable) raises, so RQ retries the chunk, whose done tasks are then skipped.
-    """
-    counts = {"predicted": 0, "existing": 0, "failed": 0, "skipped": 0}
-    ids = [t["id"] for t in tasks]
-    done = state.done_among(ids)
-    todo = [t for t in tasks if t["id"] not in done]
-    counts["skipped"] = len(tasks) - len(todo)
-    if not todo:
-        return counts
-    started_before = state.attempt([t["id"] for t in todo])
-    if started_before:
-        from .model import project_config
-
-        config = project_config(run["label_config"], backend.settings.prompt_defaults,
-                                backend.settings["MAX_LABELS"])
-        ours = {run["version"], backend.model_version(config, run["project"])}
-        settled = set()
-        for task in [t for t in todo if t["id"] in started_before]:
-            try:
-                versions = api.prediction_versions(task["id"])
-            except LabelStudioAPIError as failure:
-                if failure.status not in (400, 404):
-                    raise
-                state.mark_failed(task["id"], f"Label Studio no longer has the task: {failure}")
-                counts["failed"] += 1
-                settled.add(task["id"])
-                continue
-            if versions & ours:   # written by an attempt that died before recording it
-                state.mark_done(task["id"], "predicted")
-                counts["existing"] += 1
-                settled.add(task["id"])
-        todo = [t for t in todo if t["id"] not in settled]
-    if not todo:
-        return counts
-    version, outcomes = backend.predict_each(todo, run["label_config"], run["project"])
-    if version != run["version"]:
-        log.warning("project %s: this worker's model version %s differs from the run's %s (learned corrections "
-                    "since the start, or different settings); predictions carry %s", run["project"], version,
-                    run["version"], version)
-    for task, (prediction, error) in zip(todo, outcomes):
-        if error:
-            state.mark_failed(task["id"], error)
-            counts["failed"] += 1
-            continue
-        try:
-            api.post_prediction(task["id"], prediction, version)
-        except LabelStudioAPIError as failure:
-            if failure.status in (400, 404):   # the task is gone, or Label Studio refuses this prediction
-                state.mark_failed(task["id"], f"Label Studio refused the prediction: {failure}")
-                counts["failed"] += 1
-                continue
-            raise
-        state.mark_done(task["id"], "predicted")
-        counts["predicted"] += 1
-    log.info("project %s: chunk of %d tasks: %s", run["project"], len(tasks), counts)
-    return counts
-
-
-# ---------------------------------------------------------------------------------------------- coordinator
 class Coordinator:
     """Enqueues a project's tasks in chunks, follows the chunks to the end, and reports."""
 
@@ -393,7 +185,7 @@ class Coordinator:
         from rq import Worker
         from rq.job import JobStatus
 
-        job = self.queue.enqueue("backend.preannotate.probe_version", run, job_timeout=max(self.job_timeout, 600),
+        job = self.queue.enqueue("backend.worker.probe_version", run, job_timeout=max(self.job_timeout, 600),
                                  result_ttl=600, failure_ttl=3600, description=f"clip-ls version of project {run['project']}")
         started = time.monotonic()
         deadline, hinted = started + timeout, False
@@ -423,7 +215,7 @@ class Coordinator:
             pipe.multi()   # MULTI first: RQ then adds its commands to the same transaction
             pipe.hset(state.jobs_key, job_id, json.dumps([t["id"] for t in tasks]))
             pipe.hdel(state.failed_key, *[str(t["id"]) for t in tasks])
-            self.queue.enqueue("backend.preannotate.run_chunk", run, slim, job_id=job_id, job_timeout=self.job_timeout,
+            self.queue.enqueue("backend.worker.run_chunk", run, slim, job_id=job_id, job_timeout=self.job_timeout,
                                retry=Retry(max=RETRIES), result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600,
                                description=f"clip-ls pre-annotate project {self.project}: {len(tasks)} tasks",
                                pipeline=pipe)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from .config import Settings
-from .preannotate import LabelStudioAPI, LabelStudioAPIError
+from .studio.api import LabelStudioAPI, LabelStudioAPIError
 from .store import open_store
 from .studio.report import Report, project_report, render
 

@@ -49,6 +49,26 @@ def test_the_studio_package_never_imports_torch():
     assert loaded.stdout == "[]\n"
 
 
+def test_the_backend_modules_import_each_other_without_a_cycle():
+    graph = import_graph()
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> list[str] | None:
+        state[module] = "open"
+        for dep in sorted(graph[module]):
+            if state.get(dep) == "open":
+                return path + [module, dep]
+            if dep not in state and (cycle := visit(dep, path + [module])):
+                return cycle
+        state[module] = "done"
+        return None
+
+    for module in sorted(graph):
+        if module not in state:
+            cycle = visit(module, [])
+            assert cycle is None, " → ".join(cycle)
+
+
 def test_the_contract_checker_sees_a_relative_import():
     graph = import_graph()
     assert "backend.labeling.clip" in graph["backend.labeling.pipeline"]       # `from .clip import Clip`

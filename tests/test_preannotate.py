@@ -8,7 +8,8 @@ import uuid
 import pytest
 
 from backend.config import Settings
-from backend.preannotate import LabelStudioAPIError, RunState, process_chunk, task_versions
+from backend.preannotate import LabelStudioAPIError, RunState, task_versions
+from backend.worker import process_chunk
 
 
 class FakeAPI:

@@ -298,7 +298,7 @@ def serve(labeler, image_root, tmp_path):
                                       "MODEL_DIR": str(tmp_path / f"state{len(started)}"), **env}, demo=True)
         backend = ClipBackend(settings, labeler)
         server = make_server("127.0.0.1", 0, create_app(settings, backend), threaded=True)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         started.append(server)
         return f"http://127.0.0.1:{server.server_port}", backend
 

@@ -27,7 +27,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from . import http
 
@@ -45,10 +45,6 @@ USE_A_PAT = ("set LABEL_STUDIO_API_KEY to a personal access token (Label Studio:
 
 class ImageFetchError(Exception):
     """An image could not be fetched; the message names the cause and, where known, the fix."""
-
-
-class NotFound(ImageFetchError):
-    """404: the image, or the Label Studio object, does not exist."""
 
 
 class ImageFetcher:
@@ -74,7 +70,7 @@ class ImageFetcher:
         self.allow_private = tuple(allow_private)
         self._setup_hostname: str | None = None
         self._setup_access_token: str | None = None
-        self._auth = LabelStudioAuth(timeout, self.allow_private)
+        self.auth = LabelStudioAuth(timeout, self.allow_private)   # shared with this Label Studio's API client
 
     @classmethod
     def from_settings(cls, settings) -> "ImageFetcher":
@@ -132,25 +128,16 @@ class ImageFetcher:
         with ThreadPoolExecutor(min(max_workers, len(items)), thread_name_prefix="fetch-image") as pool:
             return list(pool.map(attempt, items))
 
-    def get_json(self, path: str, params: dict | None = None):
-        """GET a Label Studio API path (e.g. ``/api/tasks``) with the API key; the decoded JSON.
-        Raises ImageFetchError (with the same hints as image downloads)."""
-        url = self._on_label_studio(path + ("?" + urlencode(params) if params else ""), path)
-        try:
-            answer = self._get(url, path)
-        except http.Refused as error:
-            raise ImageFetchError(str(error)) from None
-        self._check_status(answer, path)
-        try:
-            return json.loads(answer.body)
-        except ValueError:
-            raise ImageFetchError(f"Label Studio answered {path!r} with something that is not JSON") from None
-
     @property
     def trusts_label_studio(self) -> bool:
         """Whether Label Studio's API can be believed: its address from the environment (never from /setup,
         which anyone can call) and a key to read it with."""
         return self.ls_url is not None and self._key is not None
+
+    @property
+    def label_studio_and_key(self) -> tuple[str | None, str | None]:
+        """Label Studio's base URL and the key to send there (for its API client)."""
+        return self._label_studio, self._key[0] if self._key else None
 
     @property
     def _label_studio(self) -> str | None:
@@ -247,7 +234,7 @@ class ImageFetcher:
         """The Authorization header for Label Studio; ``stale`` is one it just refused."""
         if self._key is None:
             return None
-        return self._auth.header(self._label_studio, self._key[0], stale)
+        return self.auth.header(self._label_studio, self._key[0], stale)
 
     def _check_status(self, answer: http.Answer, task_url: str) -> None:
         status = answer.status
@@ -259,7 +246,7 @@ class ImageFetcher:
             raise ImageFetchError(f"{answer.origin.host} refused {task_url!r} ({status}); Label Studio "
                                   "credentials are sent only to Label Studio's own host")
         if status == 404:
-            raise NotFound(f"not found (404): {task_url!r}")
+            raise ImageFetchError(f"not found (404): {task_url!r}")
         raise ImageFetchError(f"HTTP {status} from {answer.origin.host} fetching {task_url!r}")
 
     def _refused_by_label_studio(self, status: int, task_url: str) -> str:

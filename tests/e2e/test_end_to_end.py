@@ -372,6 +372,9 @@ def test_predictions_for_remaining_tasks_improve_and_carry_new_version(
     for task in taught:  # ... drawing the truth: every object with its label, nothing else
         ls.create_annotation(task["id"], truth_result(state.truth[task["id"]]))
     event_logged(backend, "ANNOTATION_CREATED", mark)
+    # each is read back from Label Studio's API and learned in the background: all of them before retrieving,
+    # or the remaining tasks' predictions would carry the versions of a memory still growing
+    backend.wait_for_log(r"project \d+: learned from 1 annotation", since=mark, count=len(taught), timeout=120)
 
     t0 = time.monotonic()
     deadline = time.monotonic() + 60
