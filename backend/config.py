@@ -8,20 +8,23 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from .labeling.clip import pick_device
 from .labeling.crops import CropSettings
 from .labeling.factory import ModelSpec, tiny_spec
 from .labeling.prompts import DEFAULT_BACKGROUND, DEFAULT_TEMPLATE, PromptDefaults
 from .labeling.proposals import ProposalSettings
+from .labeling.runtime import resolve_precision
 
 # (name, type, default, help). Defaults reproduce the method's recipe; `--demo` swaps in the tiny models.
 SETTINGS: tuple[tuple[str, type, Any, str], ...] = (
     ("CLIP_MODEL", str, "openai/clip-vit-base-patch32", "CLIP checkpoint: a hub id (`owner/name`, optionally `@revision`; downloaded into HF_HOME's cache on first use) or a directory"),
-    ("DETECTOR", str, "fasterrcnn_resnet50_fpn_v2", "proposal detector: fasterrcnn_resnet50_fpn_v2, fasterrcnn_resnet50_fpn, fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_mobilenet_v3_large_320_fpn, tiny_shapes"),
+    ("DETECTOR", str, "fasterrcnn_resnet50_fpn_v2", "proposal detector: fasterrcnn_resnet50_fpn_v2, fasterrcnn_resnet50_fpn, fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_mobilenet_v3_large_320_fpn, ssdlite320_mobilenet_v3_large, tiny_shapes"),
     ("DETECTOR_WEIGHTS", str, "", "detector state-dict file; empty = torchvision's COCO file in the torch hub cache (TORCH_HOME; downloaded on first use)"),
     ("DETECTOR_WEIGHTS_URL", str, "", "where to download torchvision's COCO file from (a mirror); empty = torchvision's URL; the file's hash is checked"),
     ("OFFLINE", bool, False, "never touch the network: models must be in the caches already (`HF_HUB_OFFLINE=1` does the same)"),
-    ("PROFILE", str, "default", "`default` (R50-FPN v2) or `cpu` (MobileNetV3-FPN detector: ~10x faster on a CPU, see README)"),
+    ("PROFILE", str, "default", "`default` (R50-FPN v2) or `cpu` (SSDlite320 MobileNetV3 detector: ≥ 2 images/s end to end on a laptop CPU, less recall; see README)"),
     ("DEVICE", str, "auto", "`auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`"),
+    ("PRECISION", str, "auto", "`auto` (fp16 on CUDA, bf16 on a CPU with AVX512-BF16/AMX, else fp32), `fp32`, `bf16`, `int8` (CLIP's Linear layers, CPU; agrees less), `fp16` (CUDA); see README, Speed"),
     ("TORCH_THREADS", int, 0, "torch CPU threads; 0 = torch's default (all cores)"),
     ("PROPOSAL_MODE", str, "detector", "`detector` (final boxes of any class) or `rpn` (objectness proposals: finds objects the detector has no class for)"),
     ("PROPOSAL_THRESHOLD", float, 0.7, "minimum detector score (detector mode) or objectness (rpn mode) of a proposal"),
@@ -59,7 +62,7 @@ SETTINGS: tuple[tuple[str, type, Any, str], ...] = (
     ("BASIC_AUTH_PASS", str, "", "its password"),
     ("LOG_LEVEL", str, "INFO", "DEBUG, INFO, WARNING, ERROR"),
 )
-CPU_PROFILE = {"DETECTOR": "fasterrcnn_mobilenet_v3_large_fpn"}
+CPU_PROFILE = {"DETECTOR": "ssdlite320_mobilenet_v3_large"}
 
 
 def _parse(kind: type, raw: str) -> Any:
@@ -98,6 +101,10 @@ class Settings:
             values.update(CPU_PROFILE)
         elif values["PROFILE"] not in ("default", "cpu"):
             raise SettingsError(f"PROFILE={values['PROFILE']!r}: use `default` or `cpu`")
+        try:
+            resolve_precision(values["PRECISION"], pick_device(values["DEVICE"]))
+        except ValueError as error:
+            raise SettingsError(str(error)) from None
         if values["LABEL_STUDIO_API_KEY"] and not values["LABEL_STUDIO_URL"]:
             from .studio.images import KEY_NEEDS_URL
             raise SettingsError(KEY_NEEDS_URL)
@@ -112,7 +119,7 @@ class Settings:
                                      nms_iou=v["PROPOSAL_NMS_IOU"], min_box_size=v["PROPOSAL_MIN_SIZE"],
                                      max_proposals=v["MAX_PROPOSALS"], input_size=v["DETECTOR_INPUT_SIZE"] or None)
         common = dict(device=v["DEVICE"], clip_batch_size=v["CLIP_BATCH_SIZE"], proposals=proposals,
-                      offline=v["OFFLINE"])
+                      offline=v["OFFLINE"], precision=v["PRECISION"])
         if self.demo:
             return tiny_spec(**common)
         return ModelSpec(clip_model=v["CLIP_MODEL"], detector=v["DETECTOR"],

@@ -67,8 +67,10 @@ _pinned = threading.local()
 
 
 def embedding_space(spec: ModelSpec) -> str:
-    """Identifies what produced the embeddings: the CLIP model (its files) and the crop settings."""
-    return replace(spec, detector="", detector_weights=None, proposals=ProposalSettings()).fingerprint
+    """Identifies what produced the embeddings: the CLIP model (its files) and the crop settings; not the
+    precision (its embeddings agree with fp32's, so learned memory carries over)."""
+    return replace(spec, detector="", detector_weights=None, proposals=ProposalSettings(),
+                   precision="fp32").fingerprint
 
 
 def source_key(annotation_id) -> str:

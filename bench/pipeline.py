@@ -1,6 +1,11 @@
 """Speed: our batched pipeline vs a naive per-crop pipeline, on the same images with the same models, one run.
 
     python bench/pipeline.py [--images 4] [--crops 20] [--detector fasterrcnn_resnet50_fpn_v2] [--rounds 3]
+    python bench/pipeline.py --tiny          # the bundled tiny models, 1 small round: a smoke test (seconds)
+
+Also in the same run: the default PRECISION (``auto``) vs fp32 end to end and per stage, with the CLIP embeddings'
+agreement; the ``PROFILE=cpu`` detector end to end; interactive box → label latency; and the peak RSS of a fresh
+process holding the default models (a child process, so this one's extra copies do not count).
 
 Real architectures: CLIP ViT-B/32 and the chosen Faster R-CNN, with real weights when they are on this
 machine and random weights otherwise (speed does not depend on weight values; the output says which).
@@ -8,12 +13,15 @@ Both pipelines classify the same boxes: ours cuts all crops from the decoded ten
 with text embeddings computed once; the naive one does what composed detector+classifier tools do: PIL crop →
 JPEG temp file → processor → one CLIP call per crop that also re-encodes the prompts, padded to CLIP's full
 77-token context as OpenAI's ``clip.tokenize`` does (autodistill-clip's ``predict`` works this way).
-The last line is ``batched/naive speedup: N.Nx`` (classification stage, median of the per-round ratios).
+The last line is ``batched/naive speedup: N.Nx`` (classification stage at fp32, median of the per-round ratios).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import io
+import resource
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -32,29 +40,56 @@ from backend.demo.shapes import SHAPES, scenes  # noqa: E402
 from backend.labeling.clip import Clip  # noqa: E402
 from backend.labeling.crops import CropSettings, crop_regions, cut_crops  # noqa: E402
 from backend.labeling.decode import decode_image  # noqa: E402
+from backend.config import CPU_PROFILE  # noqa: E402
 from backend.labeling.detectors import load_detector  # noqa: E402
 from backend.labeling.errors import ModelUnavailable  # noqa: E402
 from backend.labeling.factory import TINY_DIR  # noqa: E402
+from backend.labeling.pipeline import Labeler  # noqa: E402
 from backend.labeling.prompts import LabelSet  # noqa: E402
 from backend.labeling.proposals import ProposalSettings, Proposer  # noqa: E402
+from backend.labeling.runtime import apply_to_clip, apply_to_detector, resolve_precision  # noqa: E402
 
 WIDTH, HEIGHT = 800, 600
+# the detectors' own default score threshold: random weights score every SSD anchor ~1/91, and 0.0 would send
+# them all through its per-class NMS, a cost real weights never pay
+BENCH_PROPOSALS = ProposalSettings(score_threshold=0.05)
 RECIPE_CROPS = CropSettings()  # the box as CLIP's processor would see it, as in the naive path
 
 
-def load_models(detector_name: str) -> tuple[Clip, Proposer, str]:
+def load_models(detector_name: str, tiny: bool = False) -> tuple[Clip, torch.nn.Module, str]:
+    """fp32 CLIP and detector (the bundled tiny ones with ``tiny``)."""
+    if tiny:
+        clip = Clip.load(str(TINY_DIR / "clip"), "cpu")
+        return clip, load_detector("tiny_shapes", TINY_DIR / "detector.pt"), "tiny CLIP, tiny_shapes (real weights)"
     try:
         clip, clip_kind = Clip.load("openai/clip-vit-base-patch32", "cpu"), "real weights"
     except ModelUnavailable:
         processor = CLIPProcessor(image_processor=CLIPImageProcessor(),
                                   tokenizer=CLIPProcessor.from_pretrained(TINY_DIR / "clip").tokenizer)
         clip, clip_kind = Clip(CLIPModel(CLIPConfig()), processor, torch.device("cpu")), "random weights"
+    detector, det_kind = load_any_detector(detector_name)
+    return clip, detector, f"CLIP ViT-B/32 ({clip_kind}), {detector_name} ({det_kind})"
+
+
+def load_any_detector(name: str) -> tuple[torch.nn.Module, str]:
     try:
-        detector, det_kind = load_detector(detector_name), "real weights"
+        return load_detector(name), "real weights"
     except ModelUnavailable:
-        detector, det_kind = load_detector(detector_name, random_init=True), "random weights"
-    proposer = Proposer(detector, ProposalSettings(score_threshold=0.0))
-    return clip, proposer, f"CLIP ViT-B/32 ({clip_kind}), {detector_name} ({det_kind})"
+        return load_detector(name, random_init=True), "random weights"
+
+
+def at_precision(clip: Clip, detector: torch.nn.Module | None, precision: str,
+                 device: torch.device = torch.device("cpu")) -> tuple[Clip, Proposer | None]:
+    """Copies of fp32 models at ``precision``, applied as ``factory.build_labeler`` does (same weights)."""
+    variant = copy.copy(clip)
+    variant.model = apply_to_clip(copy.deepcopy(clip.model), precision).to(device)
+    variant.device = device
+    variant._text_cache = copy.copy(clip._text_cache)
+    proposer = None
+    if detector is not None:
+        proposer = Proposer(apply_to_detector(copy.deepcopy(detector).to(device), precision),
+                            BENCH_PROPOSALS, device)
+    return variant, proposer
 
 
 def make_images(n: int, crops_per_image: int, seed: int = 7) -> tuple[list[bytes], list[torch.Tensor]]:
@@ -122,6 +157,48 @@ def naive(clip: Clip, files, boxes, labelset) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, torch.stack(out)
 
 
+def end_to_end(clip: Clip, proposer: Proposer, files, boxes, labelset) -> dict[str, float]:
+    """Stage seconds of decode → detector → crops → CLIP on every image (after one warm-up image)."""
+    _, warm = ours(clip, proposer, files[:1], boxes[:1], labelset)
+    classify(clip, warm, boxes[:1], labelset)
+    stages, images = ours(clip, proposer, files, boxes, labelset)
+    classified, _ = classify(clip, images, boxes, labelset)
+    return {**stages, **classified}
+
+
+def centred_cosine(clip_a: Clip, clip_b: Clip, crops: torch.Tensor) -> float:
+    """Mean cosine of two CLIPs' embeddings of the same crops, each centred on A's mean: random weights map
+    every crop near one direction, which would make the plain cosine ~1 whatever the variant does."""
+    a, b = clip_a.embed_pixels(crops), clip_b.embed_pixels(crops)
+    mean = a.mean(0)
+    return float(torch.nn.functional.cosine_similarity(a - mean, b - mean).mean())
+
+
+def interactive_seconds(clip: Clip, data: bytes, labelset, rounds: int = 5) -> float:
+    """One drawn box on one image → its label (decode included), warm: the median of ``rounds``."""
+    labeler = Labeler(clip, None, RECIPE_CROPS)
+    box = torch.tensor([[100.0, 80.0, 420.0, 360.0]])
+    times = [timed(lambda: labeler.label_boxes(decode_image(data), box, labelset, "label"))[1]
+             for _ in range(rounds + 1)]
+    return statistics.median(times[1:])
+
+
+def peak_rss(args) -> float:
+    """GiB: a fresh process loads the default models and labels one image (``--rss-child``)."""
+    command = [sys.executable, __file__, "--rss-child", "--detector", args.detector, "--threads", str(args.threads)]
+    run = subprocess.run(command + (["--tiny"] if args.tiny else []), capture_output=True, text=True, check=True)
+    return float(run.stdout.strip().splitlines()[-1])
+
+
+def rss_child(args) -> None:
+    clip, detector, _ = load_models(args.detector, args.tiny)
+    clip, proposer = at_precision(clip, detector, resolve_precision("auto", torch.device("cpu")))
+    del detector   # a server holds one copy of each model
+    files, boxes = make_images(1, args.crops)
+    end_to_end(clip, proposer, files, boxes, LabelSet.build(SHAPES))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)   # KiB on Linux
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=4)
@@ -129,40 +206,79 @@ def main() -> None:
     parser.add_argument("--detector", default="fasterrcnn_resnet50_fpn_v2")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="classification rounds, ours and naive back to back")
+    parser.add_argument("--tiny", action="store_true", help="tiny models, 1 image, 4 crops, 1 round (smoke test)")
+    parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.tiny:
+        args.images, args.crops, args.rounds = 1, 4, 1
     torch.set_num_threads(args.threads)
-    clip, proposer, described = load_models(args.detector)
+    if args.rss_child:
+        return rss_child(args)
+    fp32_clip, fp32_detector, described = load_models(args.detector, args.tiny)
+    precision = resolve_precision("auto", torch.device("cpu"))
+    clip, proposer = at_precision(fp32_clip, fp32_detector, precision)
     files, boxes = make_images(args.images, args.crops)
     labelset = LabelSet.build(SHAPES)
     n_crops = args.images * args.crops
     print(f"models: {described}; {args.images} images {WIDTH}x{HEIGHT}, {n_crops} crops, "
-          f"{len(SHAPES) + 1} prompts, {torch.get_num_threads()} threads")
-    _, warm = ours(clip, proposer, files[:1], boxes[:1], labelset)   # warm-up
-    classify(clip, warm, boxes[:1], labelset)
-    stages, images = ours(clip, proposer, files, boxes, labelset)
-    # Classification rounds, ours then naive back to back (the machine's speed drifts between minutes): the
-    # speedup is the median of the per-round ratios, the rates are medians over the rounds.
+          f"{len(SHAPES) + 1} prompts, {torch.get_num_threads()} threads; default precision here: {precision}")
+
+    # The default (PRECISION=auto) vs fp32, back to back on the same images and weights.
+    fp32_stages = end_to_end(fp32_clip, Proposer(fp32_detector, BENCH_PROPOSALS), files, boxes,
+                             labelset)
+    stages = end_to_end(clip, proposer, files, boxes, labelset)
+    images = [decode_image(f) for f in files]
+    spec = clip.pixels
+    crops = torch.cat([cut_crops(i, crop_regions(b, RECIPE_CROPS), spec.size, spec.mean, spec.std)
+                       for i, b in zip(images, boxes)])
+    cosine = centred_cosine(fp32_clip, clip, crops)
+
+    # The CPU profile's detector with the default CLIP precision, same images and crops.
+    if args.tiny:
+        cpu_detector, cpu_name = fp32_detector, "tiny_shapes"
+    else:
+        cpu_name = CPU_PROFILE["DETECTOR"]
+        cpu_detector, kind = load_any_detector(cpu_name)
+        cpu_name += f" ({kind})"
+    _, cpu_proposer = at_precision(fp32_clip, cpu_detector, precision)
+    cpu_stages = end_to_end(clip, cpu_proposer, files, boxes, labelset)
+    latency = interactive_seconds(clip, files[0], labelset)
+
+    # Classification rounds at fp32 (the naive path runs the whole CLIP model, one dtype), ours then naive back to
+    # back (the machine's speed drifts between minutes): the speedup is the median of the per-round ratios.
     rounds = []
     for _ in range(args.rounds):
-        classified, ours_probs = classify(clip, images, boxes, labelset)
-        naive_seconds, naive_probs = naive(clip, files, boxes, labelset)
+        classified, ours_probs = classify(fp32_clip, images, boxes, labelset)
+        naive_seconds, naive_probs = naive(fp32_clip, files, boxes, labelset)
         rounds.append((classified["crops"], classified["clip"], naive_seconds))
-    stages["crops"], stages["clip"], naive_seconds = (statistics.median(r[i] for r in rounds) for i in range(3))
+    naive_seconds = statistics.median(r[2] for r in rounds)
     ours_classify = stages["crops"] + stages["clip"]
-    total = sum(stages.values())
+    total, fp32_total, cpu_total = (sum(s.values()) for s in (stages, fp32_stages, cpu_stages))
     share = ", ".join(f"{k} {v / total:.0%}" for k, v in stages.items())
     agree = float((ours_probs.argmax(-1) == naive_probs.argmax(-1)).float().mean())
+    print(f"fp32 : end to end {args.images / fp32_total:.3f} images/s; detector {fp32_stages['detector']:.2f} s, "
+          f"CLIP {fp32_stages['clip']:.2f} s")
     print(f"ours : classification {n_crops / ours_classify:6.1f} crops/s; end to end "
           f"{args.images / total:.3f} images/s; time per stage: {share}")
-    naive_total = stages["decode"] + stages["detector"] + naive_seconds
+    fp32_classify = statistics.median(r[0] + r[1] for r in rounds)
+    naive_total = fp32_stages["decode"] + fp32_stages["detector"] + naive_seconds
     print(f"naive: classification {n_crops / naive_seconds:6.1f} crops/s; end to end "
-          f"{args.images / naive_total:.3f} images/s (same decode and detector)")
+          f"{args.images / naive_total:.3f} images/s (fp32, same decode and detector)")
     noisy = " (random weights: near-ties, so this says little)" if "random" in described else ""
     print(f"top-1 agreement between the two crop paths: {agree:.0%}{noisy}")
-    print(f"end-to-end speedup: {naive_total / total:.1f}x")
+    print(f"CLIP embeddings {precision} vs fp32: mean centred cosine {cosine:.4f} ({len(crops)} crops)")
+    print(f"detector stage {precision} vs fp32: {fp32_stages['detector'] / stages['detector']:.1f}x; "
+          f"CLIP stage: {fp32_stages['clip'] / stages['clip']:.1f}x")
+    print(f"interactive box -> label: {latency * 1000:.0f} ms (one box, decode included, warm, median of 5)")
+    print(f"peak RSS, one process with the default models: {peak_rss(args):.2f} GiB")
+    print(f"cpu profile detector: {cpu_name}, {precision}")
+    print(f"end-to-end speedup (fp32, batched vs naive): {naive_total / (naive_total - naive_seconds + fp32_classify):.1f}x")
+    print(f"default vs fp32 end-to-end speedup: {fp32_total / total:.1f}x")
+    print(f"cpu profile: {args.images / cpu_total:.2f} images/s, {fp32_total / cpu_total:.1f}x the fp32 default")
     ratios = [naive_s / (crops_s + clip_s) for crops_s, clip_s, naive_s in rounds]
     print("per-round classification ratios: " + ", ".join(f"{r:.1f}" for r in ratios))
     print(f"batched/naive speedup: {statistics.median(ratios):.1f}x")
+
 
 if __name__ == "__main__":
     main()

@@ -73,6 +73,11 @@ class Clip:
         return cls(model, processor, pick_device(device), batch_size, name=name_or_path)
 
     @property
+    def image_dtype(self) -> torch.dtype:
+        """The image tower's (``runtime.apply_to_clip`` may have converted it)."""
+        return self.model.vision_model.embeddings.patch_embedding.weight.dtype
+
+    @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().exp())
 
@@ -83,7 +88,7 @@ class Clip:
             return torch.zeros(0, self.model.config.projection_dim)
         out = []
         for start in range(0, len(pixels), self.batch_size):
-            batch = pixels[start:start + self.batch_size].to(self.device)
+            batch = pixels[start:start + self.batch_size].to(self.device, self.image_dtype)
             features = self.model.get_image_features(pixel_values=batch)
             features = getattr(features, "pooler_output", features)  # transformers 5 returns an output object
             out.append(F.normalize(features.float(), dim=-1).cpu())

@@ -1,4 +1,4 @@
-"""Faster R-CNN builders, as data: a name → how to build the architecture and where its weights live.
+"""Detector builders (Faster R-CNN, SSDlite), as data: a name → how to build the architecture and where its weights live.
 
 Real detectors are torchvision's, with their COCO weights from a local file (``DETECTOR_WEIGHTS``) or the
 torch hub cache, downloaded there once when missing (``download.py``; never with ``offline``);
@@ -65,6 +65,12 @@ DETECTORS: dict[str, DetectorSpec] = {
         lambda: detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None,
                                                                 num_classes=91),
         detection.FasterRCNN_MobileNet_V3_Large_320_FPN_Weights.COCO_V1),
+    # PROFILE=cpu: a single-shot detector at 320 px. Its score threshold as Faster R-CNN's (0.05), not 0.001:
+    # that would feed thousands of boxes to its per-class NMS for proposals we drop below 0.05 anyway
+    "ssdlite320_mobilenet_v3_large": DetectorSpec(
+        lambda: detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=91,
+                                                        score_thresh=0.05),
+        detection.SSDLite320_MobileNet_V3_Large_Weights.COCO_V1),
     "tiny_shapes": DetectorSpec(build_tiny_shapes, None),
 }
 

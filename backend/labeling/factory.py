@@ -13,6 +13,7 @@ from .crops import CropSettings
 from .detectors import load_detector
 from .pipeline import Labeler
 from .proposals import ProposalSettings, Proposer
+from .runtime import apply_to_clip, apply_to_detector, resolve_precision
 
 TINY_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 
@@ -28,6 +29,11 @@ class ModelSpec:
     crops: CropSettings = field(default_factory=CropSettings)
     offline: bool = False                  # never download missing weights
     detector_url: str | None = None        # where to download the detector's weights (default torchvision's)
+    precision: str = "auto"                # runtime.PRECISIONS; `auto` = the fastest that keeps the labels
+
+    @property
+    def resolved_precision(self) -> str:
+        return resolve_precision(self.precision, pick_device(self.device))
 
     @property
     def fingerprint(self) -> str:
@@ -35,6 +41,7 @@ class ModelSpec:
         state = asdict(self)
         for how_not_what in ("device", "clip_batch_size", "offline", "detector_url"):
             state.pop(how_not_what)
+        state["precision"] = self.resolved_precision   # what runs, not what was asked: `auto` differs per machine
         for path in (self.clip_model, self.detector_weights):
             if path and Path(path).exists():
                 p = Path(path)
@@ -55,11 +62,13 @@ def build_labeler(spec: ModelSpec, *, with_detector: bool = True) -> Labeler:
     """Load the models once per process (downloading missing ones first unless offline); requests never build
     models."""
     device = pick_device(spec.device)
+    precision = spec.resolved_precision
     clip = Clip.load(spec.clip_model, spec.device, spec.clip_batch_size, offline=spec.offline)
+    apply_to_clip(clip.model, precision)
     proposer = None
     if with_detector:
         detector = load_detector(spec.detector, spec.detector_weights, offline=spec.offline, url=spec.detector_url)
-        proposer = Proposer(detector, spec.proposals, device)
+        proposer = Proposer(apply_to_detector(detector.to(device), precision), spec.proposals, device)
     return Labeler(clip, proposer, spec.crops)
 
 

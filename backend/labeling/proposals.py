@@ -33,7 +33,8 @@ class Proposals:
 
 
 class Proposer:
-    """Runs one torchvision ``GeneralizedRCNN`` on one image at a time (batching is not faster on a CPU)."""
+    """Runs one torchvision detector (``GeneralizedRCNN`` or ``SSD``) on one image at a time (batching is not
+    faster on a CPU)."""
 
     def __init__(self, model: nn.Module, settings: ProposalSettings = ProposalSettings(),
                  device: torch.device = torch.device("cpu")):
@@ -45,9 +46,12 @@ class Proposer:
             ratio = transform.max_size / transform.min_size[0]
             transform.min_size = (settings.input_size,)
             transform.max_size = int(round(settings.input_size * ratio))
+        if settings.mode == "rpn" and not hasattr(self.model, "rpn"):
+            raise ValueError(f"PROPOSAL_MODE=rpn needs a Faster R-CNN detector; {type(model).__name__} has no RPN")
         if settings.mode == "detector":
             # the detector's own per-class threshold would hide boxes before ours sees them
-            self.model.roi_heads.score_thresh = min(settings.score_threshold, self.model.roi_heads.score_thresh)
+            heads = getattr(self.model, "roi_heads", self.model)   # SSD keeps it on the model
+            heads.score_thresh = min(settings.score_threshold, heads.score_thresh)
 
     @torch.inference_mode()
     def __call__(self, image: torch.Tensor) -> Proposals:

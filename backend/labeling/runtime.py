@@ -1,0 +1,87 @@
+"""Numeric precision of the models: which one a device gets (``PRECISION``) and how it is applied.
+
+``auto`` picks, per device, the fastest variant that keeps the labels (see README, "Speed"): fp16 on CUDA, bf16
+on a CPU with native bf16 instructions (AVX512-BF16 or AMX; emulated bf16 is slower than fp32), fp32 elsewhere.
+The heavy parts get their weights converted once (``torch.autocast`` re-casts them on every call, which costs
+most of the gain on a CPU): the detector's backbone (channels-last) and CLIP's image tower. The RPN, the box
+heads and the text tower stay fp32: they are light, and rounding there moves boxes or the cached text
+embeddings. ``int8`` (dynamic int8 Linear layers in CLIP's image tower, CPU only; the detector stays fp32) is
+offered but never picked by ``auto``: its embeddings agree less with fp32's (see README).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PRECISIONS = ("auto", "fp32", "bf16", "int8", "fp16")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Native bf16 arithmetic (emulated bf16 on older CPUs is slower than fp32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability() == "AMX"   # not Linux: ask torch (AMX implies bf16)
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """The precision ``requested`` means on ``device``; a ValueError names what this device can do."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"PRECISION={requested!r}: use one of {', '.join(PRECISIONS)}")
+    cuda = device.type == "cuda"
+    if requested == "auto":
+        return "fp16" if cuda else ("bf16" if cpu_has_bf16() else "fp32")
+    if requested == "fp16" and not cuda:
+        raise ValueError("PRECISION=fp16 needs DEVICE=cuda (on a CPU use bf16 or int8)")
+    if requested == "int8" and cuda:
+        raise ValueError("PRECISION=int8 is CPU-only (dynamic quantisation); on CUDA use fp16")
+    return requested
+
+
+class LowPrecision(nn.Module):
+    """``inner`` with its weights in ``dtype`` (channels-last for convolutions): inputs are cast in, tensor
+    outputs cast back to float32, so the rest of the model is unchanged."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype, channels_last: bool = False):
+        super().__init__()
+        self.inner = inner.to(dtype)
+        self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.inner.to(memory_format=self.memory_format)
+        if hasattr(inner, "out_channels"):   # torchvision's detectors read it from their backbone
+            self.out_channels = inner.out_channels
+
+    def forward(self, x: torch.Tensor):
+        if x.is_floating_point():   # token ids stay integers
+            x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
+        out = self.inner(x)
+        if isinstance(out, dict):   # a backbone's feature maps by level
+            return OrderedDict((key, value.float()) for key, value in out.items())
+        return out.float()
+
+
+def apply_to_detector(model: nn.Module, precision: str) -> nn.Module:
+    """A torchvision detector (Faster R-CNN or SSD) with its backbone in ``precision``."""
+    if precision in DTYPES:
+        model.backbone = LowPrecision(model.backbone, DTYPES[precision], channels_last=True)
+    return model
+
+
+def apply_to_clip(model: nn.Module, precision: str) -> nn.Module:
+    """CLIP's image tower in ``precision`` (``Clip`` casts pixels to the tower's dtype); the text tower stays fp32."""
+    if precision in DTYPES:
+        model.vision_model.to(DTYPES[precision])
+        model.visual_projection.to(DTYPES[precision])
+    elif precision == "int8":
+        for name in ("vision_model", "visual_projection"):
+            part = getattr(model, name)
+            quantized = torch.ao.quantization.quantize_dynamic(part, {nn.Linear}, dtype=torch.qint8)
+            setattr(model, name, quantized)
+    return model
