@@ -188,3 +188,39 @@ def test_a_process_killed_mid_download_leaves_nothing_that_loads_and_the_next_ru
         assert loaded.returncode == 0 and loaded.stdout.strip() == "(1, 64)", loaded.stderr[-2000:]
     else:
         assert checkpoint.read_bytes() == DETECTOR_BYTES
+
+
+def test_a_snapshot_missing_any_file_loading_needs_counts_as_absent(tmp_path):
+    """A killed download leaves files out in any order: the tokenizer, the processor file or a shard missing
+    must send the next run back to the hub, not to a load that fails."""
+    import json
+    import shutil
+
+    from backend.labeling.download import _complete
+
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(TINY_DIR / "clip", snapshot)
+    assert _complete(snapshot)
+    for missing in ("tokenizer.json", "processor_config.json", "config.json", "model.safetensors"):
+        (snapshot / missing).rename(tmp_path / missing)
+        assert not _complete(snapshot), missing
+        (tmp_path / missing).rename(snapshot / missing)
+    (snapshot / "model.safetensors").rename(snapshot / "model-00001-of-00002.safetensors")
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert not _complete(snapshot)   # one shard of two
+    (snapshot / "model-00002-of-00002.safetensors").write_bytes(b"")
+    assert _complete(snapshot)
+
+
+def test_a_cached_snapshot_missing_its_tokenizer_is_completed_from_the_hub(hub, tmp_path):
+    env = env_for(tmp_path, hub)
+    assert run(["-c", FETCH_CLIP], env).returncode == 0
+    snapshot = next((tmp_path / "hf" / "hub").glob("models--fake-org--tiny-clip/snapshots/*"))
+    (snapshot / "tokenizer.json").unlink()   # as a download killed before the tokenizer leaves it
+    offline = run(["-c", LOAD, REPO], {**env, "HF_HUB_OFFLINE": "1"})
+    assert offline.returncode != 0 and "not (completely) in the Hugging Face cache" in offline.stderr
+    again = run(["-c", FETCH_CLIP], env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    loaded = run(["-c", LOAD, REPO], {**env, "HF_HUB_OFFLINE": "1"})
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "(1, 64)", loaded.stderr[-2000:]

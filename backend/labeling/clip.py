@@ -1,7 +1,8 @@
 """CLIP through transformers: image/crop embeddings in batches, cached text embeddings, zero-shot scores.
 
 Any CLIP-family checkpoint in transformers format loads through ``Clip.load`` (hub id in the local cache, or
-a directory). Nothing is downloaded at run time.
+a directory). A hub id missing from the cache is downloaded when the models load (never in a request), unless
+offline.
 """
 from __future__ import annotations
 

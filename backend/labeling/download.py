@@ -23,6 +23,7 @@ with what to run on a machine that has internet.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -66,7 +67,7 @@ def fetch_clip(name: str, offline: bool = False) -> str:
     if isinstance(cached, str) and _complete(Path(cached).parent):
         return str(Path(cached).parent)
     if offline:
-        raise ModelUnavailable(f"CLIP model '{name}' is not in the Hugging Face cache ({_cache_dir()}) and "
+        raise ModelUnavailable(f"CLIP model '{name}' is not (completely) in the Hugging Face cache ({_cache_dir()}) and "
                                f"OFFLINE is set: {DOWNLOAD_HINT}, then copy the cache (or set HF_HOME); or set "
                                f"CLIP_MODEL to a local directory. To try the backend without any download, use "
                                f"--demo.")
@@ -96,9 +97,20 @@ def fetch_clip(name: str, offline: bool = False) -> str:
 
 
 def _complete(snapshot: Path) -> bool:
-    """A snapshot with a config and weights (an interrupted download leaves files out: it counts as absent)."""
-    files = sorted(p.name for p in snapshot.iterdir() if p.exists())   # exists(): a dangling link is no file
-    return "config.json" in files and bool(weight_files(files))
+    """A snapshot with everything loading needs: config, weights (every shard its index names), tokenizer and
+    processor files. A download killed midway leaves files out in any order; such a snapshot counts as absent,
+    so the next run (not offline) fetches what is missing instead of failing to load."""
+    files = {p.name for p in snapshot.iterdir() if p.exists()}   # exists(): a dangling link is no file
+    if "model.safetensors.index.json" in files:
+        try:
+            shards = set(json.loads((snapshot / "model.safetensors.index.json").read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+        if not shards <= files:
+            return False
+    return ("config.json" in files and bool(weight_files(sorted(files)))
+            and ("tokenizer.json" in files or {"vocab.json", "merges.txt"} <= files)
+            and bool(files & {"preprocessor_config.json", "processor_config.json"}))
 
 
 def _cache_dir() -> str:
