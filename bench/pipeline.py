@@ -192,8 +192,9 @@ def peak_rss(args) -> float:
 
 def rss_child(args) -> None:
     clip, detector, _ = load_models(args.detector, args.tiny)
-    clip, proposer = at_precision(clip, detector, resolve_precision("auto", torch.device("cpu")))
-    del detector   # a server holds one copy of each model
+    precision = resolve_precision("auto", torch.device("cpu"))
+    apply_to_clip(clip.model, precision)   # in place, as factory.build_labeler does: one copy of each model
+    proposer = Proposer(apply_to_detector(detector, precision), BENCH_PROPOSALS)
     files, boxes = make_images(1, args.crops)
     end_to_end(clip, proposer, files, boxes, LabelSet.build(SHAPES))
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)   # KiB on Linux
