@@ -1,6 +1,6 @@
 """What corrections buy: zero-shot vs the few-shot memory after k corrected examples per class, tiny models.
 
-    python bench/corrections.py [--scenes 300] [--pool 300] [--draws 3] [--tune]
+    python bench/corrections.py [--scenes 300] [--pool 300] [--draws 3] [--tune] [--tiny]
 
 The shapes world has 6 KNOWN shapes the tiny CLIP was trained on and 2 NOVEL ones (diamond, pentagon) it never
 saw: zero-shot labels those as the nearest known shape. The label set has all 8 shapes plus the background
@@ -111,7 +111,9 @@ class World:
 def tip_adapter(memory: Memory, alpha: float, beta: float, scale: float):
     """Tip-Adapter's cache (Zhang et al., 2022), for comparison: sum over examples of exp(-beta (1 - cos))."""
     def adjust(head, emb, logits, labelset):
-        index = memory.index_for(head)
+        index = memory.heads.get(head)
+        if index is None:
+            return logits
         n = len(labelset.labels)
         column = {label: i for i, label in enumerate(labelset.labels)}
         targets = torch.tensor([column.get(label, -1) if label is not None else n for label in index.labels])
@@ -179,9 +181,12 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=300, help="scenes the corrected examples come from")
     parser.add_argument("--draws", type=int, default=3, help="random draws of the examples per k, averaged")
     parser.add_argument("--tune", action="store_true", help="print the alpha/beta grid on validation scenes")
+    parser.add_argument("--tiny", action="store_true", help="a few scenes, one draw: the test suite's smoke run")
     parser.add_argument("--clip", help="CLIP directory (default: the bundled tiny model)")
     parser.add_argument("--detector-weights", help="detector state dict (default: the bundled tiny one)")
     args = parser.parse_args()
+    if args.tiny:
+        args.scenes, args.pool, args.draws = 12, 40, 1
     torch.manual_seed(0)
     started = time.time()
     overrides = {k: v for k, v in (("clip_model", args.clip), ("detector_weights", args.detector_weights)) if v}
