@@ -217,6 +217,8 @@ def main() -> None:
     scale = labeler.clip.logit_scale
     variants = {
         "this backend: GDA, alpha cross-validated per project": dict(settings=settings),
+        "GDA with a per-label gate (trust in zero-shot from the corrections)": dict(
+            settings=replace(settings, gate=True)),
         "GDA, fixed alpha 16 (no cross-validation)": dict(settings=replace(settings, alphas=(16.0,))),
         "plain class means (shrinkage 1), alpha cross-validated": dict(settings=replace(settings, shrinkage=1.0)),
         "Tip-Adapter cache, alpha 1, beta 5.5 (its paper's values)": dict(
