@@ -13,7 +13,8 @@ each k is repeated ``--draws`` times with other scenes, averaged.
 Columns: accuracy = right label among detected objects (IoU >= 0.5); recall = objects found with the right
 label; precision = predictions that are an object with the right label. ``--tune`` prints the shrinkage / alpha
 comparison on validation scenes (seed 4000) instead: how the defaults in backend/labeling/adapter.py were chosen.
-The last line is the gain in all-class recall after 16 shots, in points.
+The last lines: novel-shape accuracy after 4 and 16 shots, the worst change of known-shape accuracy against
+zero-shot (over k = 1, 4, 16), and last the gain in all-class recall after 16 shots, in points.
 """
 from __future__ import annotations
 
@@ -228,6 +229,9 @@ def main() -> None:
         recalls = [averaged(world, k, args.draws, **options)["all_recall"] for k in SHOTS]
         print(f"| {name} | " + " | ".join(f"{r:.3f}" for r in recalls) + " |", flush=True)
     print(f"\n({time.time() - started:.0f} s)")
+    print(f"novel accuracy after 4 / 16 shots: {rows[4]['novel_acc']:.3f} / {rows[16]['novel_acc']:.3f}")
+    worst = min(rows[k]["known_acc"] - rows[0]["known_acc"] for k in SHOTS)
+    print(f"worst known-accuracy change vs zero-shot: {100 * worst:+.1f} points")
     print(f"gain after 16 shots: {100 * (rows[16]['all_recall'] - rows[0]['all_recall']):+.1f} points")
 
 
