@@ -14,7 +14,9 @@ Columns: accuracy = right label among detected objects (IoU >= 0.5); recall = ob
 label; precision = predictions that are an object with the right label. ``--tune`` prints the shrinkage / alpha
 comparison on validation scenes (seed 4000) instead: how the defaults in backend/labeling/adapter.py were chosen.
 The last lines: novel-shape accuracy after 4 and 16 shots, the worst change of known-shape accuracy against
-zero-shot (over k = 1, 4, 16), and last the gain in all-class recall after 16 shots, in points.
+zero-shot (over k = 1, 4, 16), the expected calibration error of region scores before / after the calibrator
+learned from 16 corrected tasks (with the 16-shot memory; the other held-out scenes scored), the AUROC with which
+task scores (product of calibrated keep-probabilities) separate tasks needing any correction, and last the gain in all-class recall after 16 shots, in points.
 """
 from __future__ import annotations
 
@@ -32,7 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backend.demo.scoring import MatchScore, scene_tensor  # noqa: E402
 from backend.demo.shapes import KNOWN_SHAPES, NOVEL_SHAPES, SHAPES, scenes  # noqa: E402
 from backend.labeling.adapter import AdapterSettings, Examples, Memory, adjust_logits  # noqa: E402
+from backend.labeling.calibration import Calibrator, expected_calibration_error, task_score  # noqa: E402
 from backend.labeling.factory import build_labeler, tiny_spec  # noqa: E402
+from backend.labeling.matching import Region, match_regions  # noqa: E402
 from backend.labeling.prompts import LabelSet  # noqa: E402
 
 HEAD = "label"
@@ -93,6 +97,13 @@ class World:
 
     def score(self, memory: Memory, settings: AdapterSettings | None = None, adjust=None) -> MatchScore:
         """Score the held-out scenes with the memory (this backend's adapter, or another ``adjust`` function)."""
+        score = MatchScore()
+        for scene, result in zip(self.test, self.predict(memory, settings, adjust)):
+            score.add(result.regions[HEAD], [o.box for o in scene.objects], [o.shape for o in scene.objects])
+        return score
+
+    def predict(self, memory: Memory, settings: AdapterSettings | None = None, adjust=None):
+        """The held-out scenes' results with the memory."""
         clip = self.labeler.clip
         if adjust is None:
             def adjust(head, emb, logits, labelset):
@@ -100,13 +111,35 @@ class World:
                                      clip.logit_scale, settings or AdapterSettings())
         self.labeler.adjust_logits = adjust
         try:
-            named = self.labeler.name(self.features, {HEAD: self.labelset})
+            return self.labeler.name(self.features, {HEAD: self.labelset})
         finally:
             self.labeler.adjust_logits = None
-        score = MatchScore()
-        for scene, result in zip(self.test, named):
-            score.add(result.regions[HEAD], [o.box for o in scene.objects], [o.shape for o in scene.objects])
-        return score
+
+
+def calibration(world: World, memory: Memory, corrected: int = 16) -> tuple[float, float, float]:
+    """ECE of the raw and the calibrated keep-probabilities, and the task ranking AUROC: the calibrator learns
+    from the first ``corrected`` held-out scenes as an annotator corrected them (kept = right box and label),
+    the rest are scored."""
+    rows = []   # scene, label probability, kept
+    for i, (scene, result) in enumerate(zip(world.test, world.predict(memory))):
+        found = result.regions[HEAD]
+        predicted = [Region(tuple(b), label) for b, label in zip(found.boxes.tolist(), found.labels)]
+        truth = [Region(tuple(o.box), o.shape) for o in scene.objects]
+        for m in match_regions(predicted, truth):
+            if m.predicted is not None:
+                rows.append((i, float(found.scores[m.predicted]), m.action == "kept" or m.action == "moved"))
+    scene, p, kept = (np.asarray(c) for c in zip(*rows))
+    train = scene < min(corrected, len(world.test) // 2)
+    calibrator = Calibrator.fit(p[train, None], kept[train])
+    held = ~train
+    calibrated = calibrator.predict(p[held, None])
+    before, after = (expected_calibration_error(q, kept[held]) for q in (p[held], calibrated))
+    tasks = np.unique(scene[held])
+    scores = np.array([task_score(calibrated[scene[held] == t]) for t in tasks])
+    clean = np.array([kept[held][scene[held] == t].all() for t in tasks])
+    pos, neg = scores[clean], scores[~clean]
+    auroc = float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
+    return before, after, auroc
 
 
 def tip_adapter(memory: Memory, alpha: float, beta: float, scale: float):
@@ -232,6 +265,9 @@ def main() -> None:
     print(f"novel accuracy after 4 / 16 shots: {rows[4]['novel_acc']:.3f} / {rows[16]['novel_acc']:.3f}")
     worst = min(rows[k]["known_acc"] - rows[0]["known_acc"] for k in SHOTS)
     print(f"worst known-accuracy change vs zero-shot: {100 * worst:+.1f} points")
+    before, after, auroc = calibration(world, world.memory(16, 0))
+    print(f"calibration error before / after: {before:.3f} / {after:.3f}")
+    print(f"task ranking AUROC: {auroc:.2f}")
     print(f"gain after 16 shots: {100 * (rows[16]['all_recall'] - rows[0]['all_recall']):+.1f} points")
 
 

@@ -55,7 +55,7 @@ class Calibrator:
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """Keep-probability per row; column 0 of ``features`` is the label probability."""
-        features = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+        features = _rows(features)
         if not self.weights:
             return np.clip(features[:, 0], 0.0, 1.0)
         return _sigmoid(_design(features)[:, :len(self.weights)] @ np.asarray(self.weights) + self.bias)
@@ -88,9 +88,14 @@ def expected_calibration_error(probabilities, outcomes, bins: int = 10) -> float
 
 def _design(features: np.ndarray) -> np.ndarray:
     """The probability as a logit, the other features as they are, and a constant column."""
-    features = np.asarray(features, dtype=np.float64).reshape(len(features), -1)
+    features = _rows(features)
     p = np.clip(features[:, :1], EPS, 1 - EPS)
     return np.concatenate([np.log(p / (1 - p)), features[:, 1:], np.ones((len(features), 1))], 1)
+
+
+def _rows(features) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float64)
+    return features[:, None] if features.ndim == 1 else features
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
