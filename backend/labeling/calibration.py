@@ -46,11 +46,18 @@ class Calibrator:
         x = _design(features)
         w = np.zeros(x.shape[1])
         w[0] = 1.0                                   # start from the prior
+        def loss(w):
+            z = x @ w
+            return float(np.sum(np.logaddexp(0, z) - kept * z) + 0.5 * l2 * w @ w)
+
         for _ in range(steps):
             p = _sigmoid(x @ w)
             gradient = x.T @ (p - kept) + l2 * w
             hessian = (x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(x.shape[1])
-            w -= np.linalg.solve(hessian, gradient)
+            step, current = np.linalg.solve(hessian, gradient), loss(w)
+            while loss(w - step) > current and np.abs(step).max() > 1e-9:
+                step = step / 2            # damped: a full Newton step can overshoot on near-separable data
+            w = w - step
         return cls(tuple(float(v) for v in w[:-1]), float(w[-1]))
 
     def predict(self, features: np.ndarray) -> np.ndarray:
