@@ -1,6 +1,7 @@
 """Labeling config parsing: usable controls, their label sets and prompts, and honest problem reports."""
 from __future__ import annotations
 
+from dataclasses import replace
 from xml.sax.saxutils import quoteattr
 
 import pytest
@@ -191,5 +192,7 @@ def test_per_label_score_thresholds():
     assert only_control(config_with(boxes(labels))).labelset.minimums() == (0.8, 0.0)
     plain = only_control(config_with(boxes('<Label value="Bee"/><Label value="Wasp"/>'))).labelset
     assert plain.thresholds == () and plain.minimums() == (0.0, 0.0)
+    assert LabelSet.build(["Bee", "Wasp"]).fingerprint == "989c2a194290"   # as before thresholds existed
+    assert control.labelset.fingerprint != replace(control.labelset, thresholds=()).fingerprint
     with pytest.raises(LabelConfigError, match="is not a number from 0 to 1"):
         parse_label_config(config_with(boxes('<Label value="Bee" model_score_threshold="2"/>')))

@@ -70,7 +70,10 @@ class LabelSet:
     @property
     def fingerprint(self) -> str:
         """Changes exactly when anything that shapes predictions changes."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        state = asdict(self)
+        if not self.thresholds:
+            del state["thresholds"]   # as before per-label thresholds existed: existing versions stay valid
+        return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def label_text(label: str) -> str:
