@@ -32,3 +32,14 @@ def test_cache_bench_runs(with_redis, redis_url):
     assert re.fullmatch(r"feature cache warm/cold speedup: \d+\.\dx \(2 images of 160 px, tiny models, median of 1 "
                         r"rounds\)", lines[-1]), lines[-1]
     assert any(line.startswith("Redis tier warm/cold speedup") for line in lines) == with_redis
+
+
+def test_corrections_bench_runs():
+    last = run_bench("corrections.py", "--tiny")[-1]
+    assert re.fullmatch(r"gain after 16 shots: [+-]\d+\.\d points", last), last
+
+
+def test_learner_refit_bench_runs():
+    last = run_bench("learner_refit.py", "--tiny")[-1]
+    assert re.fullmatch(r"refit after one annotation, 100 examples, 16 dims: \d+\.\d ms \(\d+\.\d\dx the 50 ms target\)",
+                        last), last

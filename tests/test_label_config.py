@@ -1,6 +1,7 @@
 """Labeling config parsing: usable controls, their label sets and prompts, and honest problem reports."""
 from __future__ import annotations
 
+from dataclasses import replace
 from xml.sax.saxutils import quoteattr
 
 import pytest
@@ -180,3 +181,18 @@ def test_any_label_names_come_through_verbatim(names):
     labels = "".join(f"<Choice value={quoteattr(name)}/>" for name in names)
     control = only_control(config_with(f'<Choices name="c" toName="image">{labels}</Choices>'))
     assert control.labelset.labels == tuple(names)
+
+
+def test_per_label_score_thresholds():
+    """A <Label>'s model_score_threshold replaces its control's for that label; labels without one keep the
+    control's; a config without any keeps no per-label list (its fingerprint does not change)."""
+    labels = '<Label value="Bee" model_score_threshold="0.8"/><Label value="Wasp"/>'
+    control = only_control(config_with(boxes(labels, 'model_score_threshold="0.3"')))
+    assert control.labelset.minimums() == (0.8, 0.3)
+    assert only_control(config_with(boxes(labels))).labelset.minimums() == (0.8, 0.0)
+    plain = only_control(config_with(boxes('<Label value="Bee"/><Label value="Wasp"/>'))).labelset
+    assert plain.thresholds == () and plain.minimums() == (0.0, 0.0)
+    assert LabelSet.build(["Bee", "Wasp"]).fingerprint == "989c2a194290"   # as before thresholds existed
+    assert control.labelset.fingerprint != replace(control.labelset, thresholds=()).fingerprint
+    with pytest.raises(LabelConfigError, match="is not a number from 0 to 1"):
+        parse_label_config(config_with(boxes('<Label value="Bee" model_score_threshold="2"/>')))

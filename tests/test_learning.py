@@ -21,17 +21,13 @@ from itertools import count
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 from backend.app import create_app
 from backend.config import Settings
 from backend.jobs import WORKER_OPTIONS, rq_queue
 from backend.demo.scoring import MatchScore
 from backend.demo.shapes import KNOWN_SHAPES, NOVEL_SHAPES, SHAPES, scenes
-from backend.labeling.adapter import AdapterSettings, Examples, Memory, adjust_logits
 from backend.labeling.detections import Detections
 from backend.labeling.factory import build_labeler
 from backend.labeling.prompts import LabelSet
@@ -482,70 +478,3 @@ def test_start_training_without_label_studio_access_keeps_the_memory(embedded, c
     backend.learning.jobs.wait(60)
     assert setup_version(client, project) == v1
     assert "LABEL_STUDIO_URL" in caplog.text
-
-
-# ---------------------------------------------------------------- the adapter on its own
-def _memory(rows: list[tuple[str | None, torch.Tensor]], head="label", per_source=1) -> Memory:
-    sources = [rows[i:i + per_source] for i in range(0, len(rows), per_source)]
-    return Memory.build([Examples((head,) * len(s), tuple(r[0] for r in s), torch.stack([r[1] for r in s]))
-                         for s in sources])
-
-
-def _cluster(centre, n, seed, spread=0.1):
-    generator = torch.Generator().manual_seed(seed)
-    return F.normalize(centre + spread * torch.randn(n, len(centre), generator=generator), dim=-1)
-
-
-def test_adapter_leaves_labels_without_examples_and_one_class_memories_alone():
-    labelset = LabelSet.build(["star", "diamond", "new_label"])
-    centres = F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
-    zero_shot = lambda e: torch.tensor([[4.0, 0.0, 2.0, 1.0]]).expand(len(e), -1)   # noqa: E731
-    memory = _memory([("star", e) for e in _cluster(centres[0], 6, 2)]
-                     + [("diamond", e) for e in _cluster(centres[1], 6, 3)])
-    probe = _cluster(centres[1], 4, 4)
-    adjusted = adjust_logits(memory, "label", probe, zero_shot(probe), labelset, zero_shot, 10.0)
-    assert (adjusted.argmax(1) == 1).all()                                  # diamond, learned
-    assert torch.equal(adjusted[:, 2], zero_shot(probe)[:, 2])              # the label without examples: as it was
-    only_stars = _memory([("star", e) for e in _cluster(centres[0], 6, 2)])
-    assert torch.equal(adjust_logits(only_stars, "label", probe, zero_shot(probe), labelset, zero_shot, 10.0),
-                       zero_shot(probe))
-    unknown = _memory([("circle", e) for e in _cluster(centres[0], 6, 2)] + [("square", e) for e in probe])
-    assert torch.equal(adjust_logits(unknown, "label", probe, zero_shot(probe), labelset, zero_shot, 10.0),
-                       zero_shot(probe))
-    assert torch.equal(adjust_logits(memory, "other_head", probe, zero_shot(probe), labelset, zero_shot, 10.0),
-                       zero_shot(probe))
-
-
-def test_adapter_keeps_zero_shot_when_the_memory_does_not_help():
-    """Cross-validation picks the weight, 0 included: when zero-shot already names every corrected example
-    right, the memory changes nothing (ties go to the smallest weight)."""
-    labelset = LabelSet.build(["a", "b", "c"])
-    centres = F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(5)), dim=-1)
-    rows = [(label, e) for i, label in enumerate("abc") for e in _cluster(centres[i], 8, 6 + i, spread=0.15)]
-    memory = _memory(rows, per_source=2)
-    text = torch.cat([centres, -centres.mean(0, keepdim=True)])
-    zero_shot = lambda e: 10.0 * e @ text.T   # noqa: E731
-    keys = torch.stack([r[1] for r in rows])
-    assert (zero_shot(keys).argmax(1) == torch.tensor([i for i in range(3) for _ in range(8)])).all()
-    assert memory.fitted("label", labelset, zero_shot, 10.0, AdapterSettings()) is None
-
-
-def test_adapter_background_examples_without_a_background_prompt_add_a_column():
-    labelset = LabelSet.build(["star", "diamond"], background=())
-    centres = F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(7)), dim=-1)
-    zero_shot = lambda e: torch.tensor([[3.0, 1.0]]).expand(len(e), -1)   # noqa: E731
-    memory = _memory([("star", e) for e in _cluster(centres[0], 6, 8)] + [("diamond", e) for e in
-                     _cluster(centres[1], 6, 9)] + [(None, e) for e in _cluster(centres[2], 6, 10)])
-    blobs = _cluster(centres[2], 3, 11)
-    adjusted = adjust_logits(memory, "label", blobs, zero_shot(blobs), labelset, zero_shot, 10.0)
-    assert adjusted.shape == (3, 3) and (adjusted.argmax(1) == 2).all()    # background wins: dropped
-    stars = _cluster(centres[0], 3, 12)
-    assert (adjust_logits(memory, "label", stars, zero_shot(stars), labelset, zero_shot, 10.0).argmax(1) == 0).all()
-
-
-def test_memory_token_changes_exactly_with_the_content():
-    rows = [("star", e) for e in _cluster(torch.ones(8), 4, 1)]
-    assert _memory(rows).token == _memory(rows).token
-    assert _memory(rows).token != _memory(rows[:3]).token
-    assert Memory.build([]).token == "" and not Memory.build([])
-    np.testing.assert_equal(len(_memory(rows)), 4)

@@ -121,3 +121,20 @@ def test_rpn_mode_proposes_by_objectness(labeler, known_scenes):
     found = proposer(scene_tensor(known_scenes[0].image))
     assert len(found.boxes) > 0 and bool((found.scores >= 0.5).all())
     assert bool((found.boxes[:, 2:] <= 160).all()) and bool((found.boxes[:, :2] >= 0).all())
+
+
+def test_per_label_thresholds_drop_only_their_label(labeler, known_scenes):
+    """``model_score_threshold`` on one <Label>: that label's regions below it go, every other label's stay."""
+    labeler = with_threshold(labeler, 0.7)
+    images = [scene_tensor(s.image) for s in known_scenes[:8]]
+    before = [r.regions["label"] for r in labeler.label(images, {"label": KNOWN})]
+    named = [label for d in before for label in d.labels]
+    strict = max(set(named), key=named.count)
+    scores = [float(s) for d in before for s, label in zip(d.scores, d.labels) if label == strict]
+    cut = float(np.median(scores))
+    per_label = replace(KNOWN, thresholds=tuple(cut if label == strict else 0.0 for label in KNOWN.labels))
+    after = [r.regions["label"] for r in labeler.label(images, {"label": per_label})]
+    for b, a in zip(before, after):
+        expected = [(label, float(s)) for label, s in zip(b.labels, b.scores) if label != strict or s >= cut]
+        assert [(label, float(s)) for label, s in zip(a.labels, a.scores)] == expected
+    assert sum(len(a) for a in after) < sum(len(b) for b in before)

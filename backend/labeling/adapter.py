@@ -57,6 +57,7 @@ class AdapterSettings:
     shrinkage: float = 0.6
     alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
     folds: int = 5
+    gate: bool = False      # per-label trust in zero-shot (see _Statistics.gated_gda); off: not yet robust
 
 
 @dataclass(frozen=True)
@@ -119,12 +120,12 @@ class FittedHead:
     columns: torch.Tensor               # (K,) the logit column of each class; n = background
     weights: torch.Tensor               # (K, D)
     bias: torch.Tensor                  # (K,)
+    gate: torch.Tensor                  # (K,) how far each class's score counts
     alpha: float
 
     def scores(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(N, K) GDA scores, centred over the classes with examples."""
-        scores = embeddings.float() @ self.weights.T + self.bias
-        return scores - scores.mean(1, keepdim=True)
+        """(N, K) GDA scores, centred over the classes with examples, then gated."""
+        return _gated(embeddings.float() @ self.weights.T + self.bias, self.gate)
 
 
 @dataclass(frozen=True)
@@ -197,36 +198,78 @@ def fit_head(index: HeadIndex, labelset: LabelSet, zero_shot: ZeroShot, logit_sc
         return None   # one class: nothing to tell apart
     zs = _with_background_column(zero_shot(keys), n, bool((targets == n).any()))
     folds = _folds(groups, settings.folds)
+    stats = _Statistics(keys, targets, zs[:, :n].argmax(1), folds)
     correct = torch.zeros(len(settings.alphas))
-    for fold in folds.unique():
-        train, held = folds != fold, folds == fold
-        if len(targets[train].unique()) < 2:
+    for fold in folds.unique().tolist():
+        held = folds == fold
+        train = stats.without(fold)
+        if int((train.counts > 0).sum()) < 2:
             continue
-        classes, weights, bias = _gda(keys[train], targets[train], settings.shrinkage)
-        scores = keys[held] @ weights.T + bias
-        scores = scores - scores.mean(1, keepdim=True)
+        classes, weights, bias, gate = train.gated_gda(settings.shrinkage, n, settings.gate)
+        scores = _gated(keys[held] @ weights.T + bias, gate)
         for i, alpha in enumerate(settings.alphas):
             predicted = _combine(zs[held], scores, classes, alpha * logit_scale, n).argmax(1).clamp(max=n)
             correct[i] += (predicted == targets[held]).sum()
     alpha = settings.alphas[int(torch.argmax(correct))]   # the first best: the smallest weight among ties
     if alpha == 0:
         return None
-    classes, weights, bias = _gda(keys, targets, settings.shrinkage)
-    return FittedHead(classes, weights, bias, alpha)
+    return FittedHead(*stats.without(None).gated_gda(settings.shrinkage, n, settings.gate), alpha)
 
 
-def _gda(keys: torch.Tensor, targets: torch.Tensor, shrinkage: float):
-    """Class means and one shared covariance shrunk towards its average variance; linear scores whose scale does
-    not depend on the embedding size (with shrinkage 1: ``e . mean - |mean|^2 / 2``, plain class means)."""
-    classes = targets.unique()
-    means = torch.stack([keys[targets == c].mean(0) for c in classes])
-    centred = keys - means[torch.searchsorted(classes, targets)]
-    covariance = centred.T @ centred / len(keys)
-    average = float(covariance.trace()) / covariance.shape[0] + 1e-6
-    shrunk = (1 - shrinkage) * covariance + shrinkage * average * torch.eye(covariance.shape[0])
-    precision = torch.linalg.inv(shrunk + 1e-6 * torch.eye(covariance.shape[0])) * average
-    weights = means @ precision
-    return classes, weights, -0.5 * (weights * means).sum(1)
+def _gated(scores: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Centred over the classes first, so that a gated label's score shrinks towards "no opinion"."""
+    return (scores - scores.mean(1, keepdim=True)) * gate
+
+
+class _Statistics:
+    """Per fold: the Gram matrix, per-class sums and counts, and how many of each class zero-shot named right.
+    Every fold's GDA comes from these sums, so the examples are read once however many folds there are."""
+
+    def __init__(self, keys, targets, named, folds, classes=None, gram=None, sums=None, counts=None, hits=None):
+        if gram is None:
+            classes = targets.unique()
+            onehot = torch.nn.functional.one_hot(torch.searchsorted(classes, targets), len(classes)).float()
+            ids = folds.unique().tolist()
+            gram = torch.stack([keys[folds == f].T @ keys[folds == f] for f in ids])
+            sums = torch.stack([onehot[folds == f].T @ keys[folds == f] for f in ids])
+            counts = torch.stack([onehot[folds == f].sum(0) for f in ids])
+            hits = torch.stack([onehot[(folds == f) & (named == targets)].sum(0) for f in ids])
+            self.fold_ids = ids
+        self.classes, self.gram, self.sums, self.counts, self.hits = classes, gram, sums, counts, hits
+        self.totals = None
+
+    def without(self, fold: int | None) -> "_Statistics":
+        """The totals over every fold but ``fold`` (None: over all)."""
+        parts = (self.gram, self.sums, self.counts, self.hits)
+        totals = [part.sum(0) for part in parts] if self.totals is None else self.totals
+        self.totals = totals
+        if fold is not None:
+            i = self.fold_ids.index(fold)
+            totals = [total - part[i] for total, part in zip(totals, parts)]
+        return _Statistics(None, None, None, None, self.classes, *totals)
+
+    def gated_gda(self, shrinkage: float, n: int, gated: bool):
+        """GDA (class means, one shared covariance shrunk towards its average variance; scores whose scale does
+        not depend on the embedding size) whose score for each label is scaled by how often zero-shot named
+        that label's examples WRONG (uniform prior): the project's own corrections say which labels zero-shot
+        already names and which it cannot (a label CLIP never saw), so the memory speaks for the second
+        without adding noise to the first."""
+        present = self.counts > 0
+        classes, counts = self.classes[present], self.counts[present]
+        means = self.sums[present] / counts[:, None]
+        covariance = (self.gram - (means.T * counts) @ means) / counts.sum()
+        dims = covariance.shape[0]
+        average = float(covariance.trace()) / dims + 1e-6
+        shrunk = (1 - shrinkage) * covariance + (shrinkage * average + 1e-6) * torch.eye(dims)
+        weights = torch.cholesky_solve(means.T, torch.linalg.cholesky(shrunk)).T * average
+        bias = -0.5 * (weights * means).sum(1)
+        labels = classes < n
+        gate = torch.where(labels, (counts - self.hits[present] + 1) / (counts + 2), torch.ones(()))
+        if not gated:
+            gate = torch.ones_like(gate)
+        elif labels.any():   # relative trust: the least trusted label (and background) count fully
+            gate = torch.where(labels, gate / gate[labels].max(), gate)
+        return classes, weights, bias, gate
 
 
 def _combine(logits: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, weight: float, n: int):

@@ -103,7 +103,8 @@ class Labeler:
             return Detections.empty()
         probs = self._logits(head, embeddings, labelset).softmax(-1)
         score, best = probs.max(-1)
-        keep = (best < len(labelset.labels)) & (score >= labelset.threshold)
+        n = len(labelset.labels)
+        keep = (best < n) & (score >= torch.tensor(labelset.minimums())[best.clamp(max=n - 1)])
         return Detections(proposals.boxes[keep].numpy(), score[keep].numpy(),
                           tuple(labelset.labels[i] for i in best[keep].tolist()))
 
@@ -118,12 +119,13 @@ class Labeler:
         if labelset.multi_label and len(labelset.background):
             background = logits[n:].logsumexp(0)
             probs = torch.sigmoid(logits[:n] - background)
-            picked = [(labelset.labels[i], float(p)) for i, p in enumerate(probs) if p >= max(0.5, labelset.threshold)]
+            picked = [(labelset.labels[i], float(p)) for i, (p, minimum) in enumerate(zip(probs, labelset.minimums()))
+                      if p >= max(0.5, minimum)]
         else:
             probs = logits.softmax(-1)
             best = int(probs.argmax())
             picked = [(labelset.labels[best], float(probs[best]))] if best < n else []
-            picked = [c for c in picked if c[1] >= labelset.threshold]
+            picked = [c for c in picked if c[1] >= labelset.minimums()[best]]
         return tuple(Choice(label, score) for label, score in sorted(picked, key=lambda c: -c[1]))
 
     def _logits(self, head: str, embeddings: torch.Tensor, labelset: LabelSet) -> torch.Tensor:

@@ -32,13 +32,15 @@ class LabelSet:
     ``kind="regions"``: name detector proposals; a proposal whose best class is a background prompt is dropped.
     ``kind="choices"``: classify the whole image. ``multi_label`` scores each label against the background
     prompts on its own (several may apply); otherwise one softmax over all labels picks one.
-    ``threshold``: the minimum label probability kept. Several prompts per label are averaged (an ensemble).
+    ``threshold``: the minimum label probability kept; ``thresholds``: per label, replacing it (empty: every label
+    uses ``threshold``). Several prompts per label are averaged (an ensemble).
     """
 
     labels: tuple[str, ...]
     prompts: tuple[tuple[str, ...], ...]
     background: tuple[str, ...] = DEFAULT_BACKGROUND
     threshold: float = 0.0
+    thresholds: tuple[float, ...] = ()
     kind: Literal["regions", "choices"] = "regions"
     multi_label: bool = False
 
@@ -49,6 +51,12 @@ class LabelSet:
             raise ValueError("every label needs at least one prompt")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"duplicate labels in {self.labels}")
+        if self.thresholds and len(self.thresholds) != len(self.labels):
+            raise ValueError("thresholds needs one value per label")
+
+    def minimums(self) -> tuple[float, ...]:
+        """The minimum probability kept, per label."""
+        return self.thresholds or (self.threshold,) * len(self.labels)
 
     @classmethod
     def build(cls, labels: Sequence[str], templates: Sequence[str] | str = DEFAULT_TEMPLATE,
@@ -62,7 +70,10 @@ class LabelSet:
     @property
     def fingerprint(self) -> str:
         """Changes exactly when anything that shapes predictions changes."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        state = asdict(self)
+        if not self.thresholds:
+            del state["thresholds"]   # as before per-label thresholds existed: existing versions stay valid
+        return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def label_text(label: str) -> str:

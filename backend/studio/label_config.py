@@ -12,6 +12,7 @@ Optional attributes (Label Studio accepts them; several values are separated by 
       model_prompt_template  prompt templates, each with one {} (default "a photo of a {}.")
       model_skip="true"      leave this control to the annotators
     on Label / Choice
+      model_score_threshold  this label's minimum probability, 0-1, instead of its control's
       model_prompt           the label's prompts verbatim; templates are not used
       predicted_values       comma-separated words put into the templates instead of the label's value
       alias                  when set, Label Studio writes it into results instead of the value, so do we
@@ -184,13 +185,15 @@ def _control(element: ElementTree.Element, image: ElementTree.Element, defaults:
 
 def _labelset(element: ElementTree.Element, label_tag: str, defaults: PromptDefaults, **options) -> LabelSet:
     templates = _templates(element, defaults)
-    names, prompts = [], []
+    names, prompts, thresholds = [], [], []
+    default = _threshold(element, 0.0)
     for label in (e for e in element.iter() if e.tag.lower() == label_tag):
         value = label.get("value")
         if not value:
             continue                  # Label Studio ignores such labels too
         names.append(label.get("alias") or value)  # what Label Studio writes into results
         prompts.append(_split(label.get("model_prompt")) or _filled(templates, _words(label, value)))
+        thresholds.append(_threshold(label, None))
     if not names:
         raise _Unusable(f"no <{label_tag.capitalize()}> with a value (labels from task data are not supported)")
     if len(set(names)) < len(names):
@@ -198,7 +201,10 @@ def _labelset(element: ElementTree.Element, label_tag: str, defaults: PromptDefa
     background = element.get("model_background")
     return LabelSet(tuple(names), tuple(prompts),
                     defaults.background if background is None else _split(background),
-                    threshold=_threshold(element), **options)
+                    threshold=default,
+                    # per-label only when some label sets one, so other configs keep their fingerprint
+                    thresholds=tuple(default if t is None else t for t in thresholds) if any(
+                        t is not None for t in thresholds) else (), **options)
 
 
 def _templates(element: ElementTree.Element, defaults: PromptDefaults) -> tuple[str, ...]:
@@ -209,10 +215,10 @@ def _templates(element: ElementTree.Element, defaults: PromptDefaults) -> tuple[
     return templates
 
 
-def _threshold(element: ElementTree.Element) -> float:
+def _threshold(element: ElementTree.Element, default: float | None) -> float | None:
     text = element.get("model_score_threshold")
     if text is None:
-        return 0.0
+        return default
     try:
         threshold = float(text)
     except ValueError:

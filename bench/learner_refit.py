@@ -1,0 +1,75 @@
+"""What one new annotation costs the learner: rebuilding a project's memory and refitting it, synthetic data.
+
+    python bench/learner_refit.py [--examples 2000] [--dims 64 512] [--rounds 5] [--tiny]
+
+A project holds ``--examples`` embedded examples (8 labels and background, 5 per annotation, unit vectors around
+per-label centres); one more annotation arrives and the memory is rebuilt and refitted (GDA with its
+cross-validated weight and per-label gate), as storing an annotation does. Compared with the first fit of the same
+project (median of ``--rounds``); the target is < 50 ms per refit, so refitting can stay synchronous with storing.
+The last line is the refit time at the largest size.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backend.labeling.adapter import AdapterSettings, Examples, Memory  # noqa: E402
+from backend.labeling.prompts import LabelSet  # noqa: E402
+
+LABELS = [f"label{i}" for i in range(8)]
+PER_ANNOTATION = 5
+
+
+def project(examples: int, dims: int, seed: int = 0) -> tuple[list[Examples], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(len(LABELS) + 1, dims, generator=g), dim=-1)
+    sources = []
+    for start in range(0, examples, PER_ANNOTATION):
+        rows = torch.randint(0, len(LABELS) + 1, (min(PER_ANNOTATION, examples - start),), generator=g)
+        keys = F.normalize(centres[rows] + 0.8 * torch.randn(len(rows), dims, generator=g) / dims ** 0.5, dim=-1)
+        labels = tuple(LABELS[r] if r < len(LABELS) else None for r in rows.tolist())
+        sources.append(Examples(("box",) * len(rows), labels, keys, task=start))
+    text = F.normalize(centres[:len(LABELS)] + 0.5 * torch.randn(len(LABELS), dims, generator=g), dim=-1)
+    return sources, text
+
+
+def timed(sources: list[Examples], text: torch.Tensor) -> float:
+    labelset = LabelSet.build(LABELS)
+    started = time.perf_counter()
+    memory = Memory.build(sources)
+    memory.fitted("box", labelset, lambda e: 10.0 * e @ text.T, 10.0, AdapterSettings())
+    return 1000 * (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=2000)
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 512])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--tiny", action="store_true", help="a small project, one round: the smoke run")
+    args = parser.parse_args()
+    if args.tiny:
+        args.examples, args.dims, args.rounds = 100, [16], 1
+    torch.set_num_threads(1)   # one annotation is stored by one request/worker thread
+    print(f"| dims | examples | first fit, ms | refit after one more annotation, ms |")
+    print("|---|---|---|---|")
+    refit = 0.0
+    for dims in args.dims:
+        sources, text = project(args.examples + PER_ANNOTATION, dims)
+        first = statistics.median(timed(sources[:-1], text) for _ in range(args.rounds))
+        refit = statistics.median(timed(sources, text) for _ in range(args.rounds))
+        print(f"| {dims} | {args.examples} | {first:.1f} | {refit:.1f} |", flush=True)
+    print(f"refit after one annotation, {args.examples} examples, {args.dims[-1]} dims: {refit:.1f} ms "
+          f"({refit / 50:.2f}x the 50 ms target)")
+
+
+if __name__ == "__main__":
+    main()

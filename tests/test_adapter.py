@@ -1,0 +1,109 @@
+"""The few-shot adapter on its own: synthetic embeddings, no models (the learning path is in test_learning.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backend.labeling.adapter import AdapterSettings, Examples, Memory, _folds, _Statistics, adjust_logits
+from backend.labeling.prompts import LabelSet
+
+def _memory(rows: list[tuple[str | None, torch.Tensor]], head="label", per_source=1) -> Memory:
+    sources = [rows[i:i + per_source] for i in range(0, len(rows), per_source)]
+    return Memory.build([Examples((head,) * len(s), tuple(r[0] for r in s), torch.stack([r[1] for r in s]))
+                         for s in sources])
+
+
+def _cluster(centre, n, seed, spread=0.1):
+    generator = torch.Generator().manual_seed(seed)
+    return F.normalize(centre + spread * torch.randn(n, len(centre), generator=generator), dim=-1)
+
+
+def test_adapter_leaves_labels_without_examples_and_one_class_memories_alone():
+    labelset = LabelSet.build(["star", "diamond", "new_label"])
+    centres = F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(1)), dim=-1)
+    zero_shot = lambda e: torch.tensor([[4.0, 0.0, 2.0, 1.0]]).expand(len(e), -1)   # noqa: E731
+    memory = _memory([("star", e) for e in _cluster(centres[0], 6, 2)]
+                     + [("diamond", e) for e in _cluster(centres[1], 6, 3)])
+    probe = _cluster(centres[1], 4, 4)
+    adjusted = adjust_logits(memory, "label", probe, zero_shot(probe), labelset, zero_shot, 10.0)
+    assert (adjusted.argmax(1) == 1).all()                                  # diamond, learned
+    assert torch.equal(adjusted[:, 2], zero_shot(probe)[:, 2])              # the label without examples: as it was
+    only_stars = _memory([("star", e) for e in _cluster(centres[0], 6, 2)])
+    assert torch.equal(adjust_logits(only_stars, "label", probe, zero_shot(probe), labelset, zero_shot, 10.0),
+                       zero_shot(probe))
+    unknown = _memory([("circle", e) for e in _cluster(centres[0], 6, 2)] + [("square", e) for e in probe])
+    assert torch.equal(adjust_logits(unknown, "label", probe, zero_shot(probe), labelset, zero_shot, 10.0),
+                       zero_shot(probe))
+    assert torch.equal(adjust_logits(memory, "other_head", probe, zero_shot(probe), labelset, zero_shot, 10.0),
+                       zero_shot(probe))
+
+
+def test_adapter_keeps_zero_shot_when_the_memory_does_not_help():
+    """Cross-validation picks the weight, 0 included: when zero-shot already names every corrected example
+    right, the memory changes nothing (ties go to the smallest weight)."""
+    labelset = LabelSet.build(["a", "b", "c"])
+    centres = F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(5)), dim=-1)
+    rows = [(label, e) for i, label in enumerate("abc") for e in _cluster(centres[i], 8, 6 + i, spread=0.15)]
+    memory = _memory(rows, per_source=2)
+    text = torch.cat([centres, -centres.mean(0, keepdim=True)])
+    zero_shot = lambda e: 10.0 * e @ text.T   # noqa: E731
+    keys = torch.stack([r[1] for r in rows])
+    assert (zero_shot(keys).argmax(1) == torch.tensor([i for i in range(3) for _ in range(8)])).all()
+    assert memory.fitted("label", labelset, zero_shot, 10.0, AdapterSettings()) is None
+
+
+def test_adapter_background_examples_without_a_background_prompt_add_a_column():
+    labelset = LabelSet.build(["star", "diamond"], background=())
+    centres = F.normalize(torch.randn(3, 16, generator=torch.Generator().manual_seed(7)), dim=-1)
+    zero_shot = lambda e: torch.tensor([[3.0, 1.0]]).expand(len(e), -1)   # noqa: E731
+    memory = _memory([("star", e) for e in _cluster(centres[0], 6, 8)] + [("diamond", e) for e in
+                     _cluster(centres[1], 6, 9)] + [(None, e) for e in _cluster(centres[2], 6, 10)])
+    blobs = _cluster(centres[2], 3, 11)
+    adjusted = adjust_logits(memory, "label", blobs, zero_shot(blobs), labelset, zero_shot, 10.0)
+    assert adjusted.shape == (3, 3) and (adjusted.argmax(1) == 2).all()    # background wins: dropped
+    stars = _cluster(centres[0], 3, 12)
+    assert (adjust_logits(memory, "label", stars, zero_shot(stars), labelset, zero_shot, 10.0).argmax(1) == 0).all()
+
+
+def test_memory_token_changes_exactly_with_the_content():
+    rows = [("star", e) for e in _cluster(torch.ones(8), 4, 1)]
+    assert _memory(rows).token == _memory(rows).token
+    assert _memory(rows).token != _memory(rows[:3]).token
+    assert Memory.build([]).token == "" and not Memory.build([])
+    np.testing.assert_equal(len(_memory(rows)), 4)
+
+
+def test_fold_statistics_give_the_gda_of_the_other_folds_exactly():
+    """Each cross-validation fold's GDA comes from per-fold sums minus the fold: it must equal a GDA fitted
+    directly on the other folds' examples (means, shrunk shared covariance, solved)."""
+    g = torch.Generator().manual_seed(3)
+    keys = F.normalize(torch.randn(60, 12, generator=g), dim=-1)
+    targets = torch.arange(60) % 4
+    folds = _folds(torch.arange(60) // 3, 5)
+    stats = _Statistics(keys, targets, targets, folds)
+    classes, weights, bias, gate = stats.without(2).gated_gda(0.6, 3, gated=False)
+    train, y = keys[folds != 2], targets[folds != 2]
+    means = torch.stack([train[y == c].mean(0) for c in range(4)])
+    centred = train - means[y]
+    covariance = centred.T @ centred / len(train)
+    average = float(covariance.trace()) / 12 + 1e-6
+    shrunk = 0.4 * covariance + (0.6 * average + 1e-6) * torch.eye(12)
+    expected = means @ torch.linalg.inv(shrunk) * average
+    assert torch.equal(classes, torch.arange(4)) and torch.equal(gate, torch.ones(4))
+    torch.testing.assert_close(weights, expected, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(bias, -0.5 * (expected * means).sum(1), rtol=1e-3, atol=1e-4)
+
+
+def test_gate_trusts_zero_shot_where_it_named_the_corrections_right():
+    """With the gate, a label whose examples zero-shot always named right counts least; the label it never
+    named counts fully; background as much as the least trusted label."""
+    g = torch.Generator().manual_seed(4)
+    keys = F.normalize(torch.randn(30, 8, generator=g), dim=-1)
+    targets = torch.tensor([0] * 10 + [1] * 10 + [3] * 10)        # labels 0, 1 and background (n = 3)
+    named = torch.tensor([0] * 10 + [0] * 10 + [0] * 10)          # zero-shot: right on 0, wrong on 1
+    stats = _Statistics(keys, targets, named, torch.arange(30) % 5)
+    classes, _, _, gate = stats.without(None).gated_gda(0.6, 3, gated=True)
+    assert classes.tolist() == [0, 1, 3]
+    assert gate.tolist() == pytest.approx([1 / 11, 1.0, 1.0])      # (0 + 1) / (10 + 2) over (10 + 1) / (10 + 2)
