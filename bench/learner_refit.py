@@ -59,7 +59,7 @@ def main() -> None:
     if args.tiny:
         args.examples, args.dims, args.rounds = 100, [16], 1
     torch.set_num_threads(1)   # one annotation is stored by one request/worker thread
-    print(f"| dims | examples | first fit, ms | refit after one more annotation, ms |")
+    print("| dims | examples | first fit, ms | refit after one more annotation, ms |")
     print("|---|---|---|---|")
     refit = 0.0
     for dims in args.dims:

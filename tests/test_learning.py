@@ -30,7 +30,6 @@ from backend.demo.scoring import MatchScore
 from backend.demo.shapes import KNOWN_SHAPES, NOVEL_SHAPES, SHAPES, scenes
 from backend.labeling.detections import Detections
 from backend.labeling.factory import build_labeler
-from backend.labeling.prompts import LabelSet
 from backend.model import ClipBackend
 from backend.studio.label_config import parse_label_config
 from backend.studio.results import regions_from_results
