@@ -3,11 +3,11 @@
 Serving side (``Learning``, one per backend process):
   - ``handle(event, data)`` answers a webhook at once: training events become a background job, deletions are
     applied to the store directly (no model needed);
-  - ``versioned(base, project)`` reads the project's stored memory (cached per revision), pins it for the
-    predictions this request thread makes next, and returns the model version: the base version when the
-    memory is empty, else the base plus a digest of the memory. So the version changes exactly when a new
-    state is stored, and predictions always carry the version of the state that made them;
-  - ``adjust_logits`` is the ``Labeler`` hook that adds the pinned memory to the zero-shot logits;
+  - ``versioned(base, project)`` reads the project's stored memory (cached per revision) and returns the model
+    version (the base version when the memory is empty, else the base plus a digest of the memory) with the
+    logit adjuster that applies that memory, which the caller passes to the ``Labeler``'s naming calls. So the
+    version changes exactly when a new state is stored, and predictions always carry the version of the state
+    that made them, whatever other threads or projects do meanwhile;
   - ``record_predictions`` keeps what was predicted per task (Label Studio's ``annotation.prediction`` is
     usually empty), so that boxes an annotator deleted can be learned as background.
 
@@ -31,8 +31,9 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import replace
-from typing import Iterable
+from functools import partial
 
 import torch
 from torchvision.ops import box_iou
@@ -41,17 +42,15 @@ from .jobs import InProcessJobs, RQJobs
 from .labeling.adapter import AdapterSettings, Examples, Memory, adjust_logits
 from .labeling.decode import ImageDecodeError, decode_image
 from .labeling.factory import ModelSpec
-from .labeling.pipeline import Labeler
+from .labeling.pipeline import Labeler, LogitAdjuster
 from .labeling.prompts import LabelSet
 from .labeling.proposals import ProposalSettings
 from .store import Change, Store, open_store
 from .studio.api import LabelStudioAPI, LabelStudioAPIError
-from .studio.images import ImageFetchError, ImageFetcher
-from .studio.label_config import (DEFAULT_MAX_LABELS, LabelConfigError, ProjectConfig, TaskDataError,
-                                  parse_label_config)
+from .studio.images import ImageFetcher, ImageFetchError
+from .studio.label_config import DEFAULT_MAX_LABELS, LabelConfigError, ProjectConfig, TaskDataError, parse_label_config
 from .studio.results import regions_from_results
-from .studio.webhooks import (annotation_ids, annotation_items, deleted_ids, id_of, label_config_of, project_id_of,
-                              stamp)
+from .studio.webhooks import annotation_ids, annotation_items, deleted_ids, id_of, label_config_of, project_id_of, stamp
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +60,6 @@ DELETED_IOU = 0.5        # a predicted box without an annotated box of at least 
 UNTRUSTED = ("unauthenticated webhook refused: without LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (to read what "
              "Label Studio really holds), learning needs URL_SECRET or Basic Auth")
 EMPTY = Memory()
-# The memory this thread's next labeling uses. Per thread, not per Learning: a process may build several
-# backends around one Labeler (bulk workers, one per Label Studio), whose adjust_logits hook is the last one set.
-_pinned = threading.local()
 
 
 def embedding_space(spec: ModelSpec) -> str:
@@ -92,7 +88,7 @@ class Learning:
         self._checked: set[int] = set()   # projects whose stored memory /setup has looked for
 
     @classmethod
-    def for_backend(cls, settings, labeler: Labeler, fetcher: ImageFetcher, lock=None) -> "Learning":
+    def for_backend(cls, settings, labeler: Labeler, fetcher: ImageFetcher, lock=None) -> Learning:
         """Redis store + RQ jobs when REDIS_URL is set, else SQLite under MODEL_DIR + a job thread."""
         store = open_store(settings)
         space = embedding_space(settings.model_spec())
@@ -104,22 +100,21 @@ class Learning:
         return cls(store, jobs, space, labeler.clip, fetcher, settings.demo)
 
     # ------------------------------------------------------------------ predictions
-    def versioned(self, base_version: str, project) -> str:
-        """The model version for this project's stored memory; pins that memory for this thread's next labeling."""
-        memory = _pinned.memory = self.memory(project)
+    def versioned(self, base_version: str, project) -> tuple[str, LogitAdjuster | None]:
+        """The model version for this project's stored memory, and the adjuster that applies that same memory
+        (None when it is empty): predictions made with it always carry the version of the state that made them."""
+        memory = self.memory(project)
         if not memory.token:
-            return base_version
-        return f"{base_version}-{hashlib.sha256(f'{base_version}:{memory.token}'.encode()).hexdigest()[:8]}"
+            return base_version, None
+        version = f"{base_version}-{hashlib.sha256(f'{base_version}:{memory.token}'.encode()).hexdigest()[:8]}"
+        return version, partial(self._adjust, memory)
 
     def memory(self, project) -> Memory:
         project_id = project_id_of(project)
         return self.store.memory(project_id, self.space)[1] if project_id is not None else EMPTY
 
-    def adjust_logits(self, head: str, embeddings: torch.Tensor, logits: torch.Tensor,
-                      labelset: LabelSet) -> torch.Tensor:
-        memory = getattr(_pinned, "memory", None)
-        if not memory:
-            return logits
+    def _adjust(self, memory: Memory, head: str, embeddings: torch.Tensor, logits: torch.Tensor,
+                labelset: LabelSet) -> torch.Tensor:
         return adjust_logits(memory, head, embeddings, logits, labelset, lambda e: self.clip.logits(e, labelset),
                              self.clip.logit_scale, self.adapter)
 
@@ -260,10 +255,11 @@ class Learner:
         self.max_labels = max_labels
 
     @classmethod
-    def from_settings(cls, settings, labeler: Labeler) -> "Learner":
+    def from_settings(cls, settings, labeler: Labeler) -> Learner:
         """For an RQ worker: the store and image access from the same settings as the backend."""
         return cls(labeler, open_store(settings), ImageFetcher.from_settings(settings),
-                   embedding_space(settings.model_spec()), max_pixels=settings["MAX_IMAGE_PIXELS"], max_labels=settings["MAX_LABELS"])
+                   embedding_space(settings.model_spec()), max_pixels=settings["MAX_IMAGE_PIXELS"],
+                   max_labels=settings["MAX_LABELS"])
 
     def run(self, kind: str, payload: dict):
         if payload.get("space") not in (None, self.space):

@@ -14,16 +14,16 @@ from functools import lru_cache
 
 import torch
 
+from .budget import ByteBudget
 from .cache import build_feature_cache, has_parts, image_digest, merge
 from .config import Settings
 from .export import model_version as base_version
-from .budget import ByteBudget
 from .labeling.decode import ImageDecodeError, decode_image, decoded_bytes
 from .labeling.detections import ImageLabels
-from .labeling.pipeline import ImageFeatures, Labeler, needed_features
+from .labeling.pipeline import ImageFeatures, Labeler, LogitAdjuster, needed_features
 from .labeling.prompts import LabelSet, PromptDefaults
 from .learning import Learning
-from .studio.images import ImageFetchError, ImageFetcher
+from .studio.images import ImageFetcher, ImageFetchError
 from .studio.label_config import DEFAULT_MAX_LABELS, ProjectConfig, TaskDataError, parse_label_config
 from .studio.results import context_regions, prediction_for_task
 
@@ -78,13 +78,16 @@ class ClipBackend:
         self.image_memory = ByteBudget(settings["IMAGE_MEMORY_MB"] * 2**20)
         self._inference = threading.Lock()  # one inference at a time: threads would only thrash the cores
         self.learning = Learning.for_backend(settings, labeler, self.fetcher, self._inference)
-        labeler.adjust_logits = self.learning.adjust_logits  # corrections join the zero-shot logits
         self.seconds_per_image = self._warm_up()
 
     # ------------------------------------------------------------------ versions
     def model_version(self, config: ProjectConfig, project: str | int | None = None) -> str:
         """Changes exactly when what produces predictions changes: models, the config's label sets, the
-        project's stored few-shot memory (whose snapshot this also pins for the thread's next predictions)."""
+        project's stored few-shot memory."""
+        return self._versioned(config, project)[0]
+
+    def _versioned(self, config: ProjectConfig, project) -> tuple[str, LogitAdjuster | None]:
+        """The model version and the adjuster applying the project's memory of that same version."""
         return self.learning.versioned(base_version(self.model_fingerprint, config), project)
 
     def setup(self, label_config: str, project=None, hostname: str | None = None,
@@ -110,37 +113,38 @@ class ClipBackend:
     # ------------------------------------------------------------------ predict
     def predict(self, tasks: list[dict], label_config: str, project=None, context: dict | None = None) -> list[dict]:
         config = project_config(label_config, self.settings.prompt_defaults, self.settings["MAX_LABELS"])
-        version = self.model_version(config, project)
+        version, adjust = self._versioned(config, project)
         regions = context_regions(context)
         if regions:
-            return [self._interactive(tasks[0], config, regions, version)]
+            return [self._interactive(tasks[0], config, regions, version, adjust)]
         if len(tasks) > 1 and len(tasks) * self.seconds_per_image > self.settings["PREDICT_BUDGET_SECONDS"]:
             # One result for several tasks makes Label Studio ask again task by task, each with its own timeout.
             log.info("predict: %d tasks would take ~%.0f s (budget %.0f s): answering one so LS asks per task",
                      len(tasks), len(tasks) * self.seconds_per_image, self.settings["PREDICT_BUDGET_SECONDS"])
             tasks = tasks[:1]
-        return [result for result, _ in self._predict_tasks(tasks, config, version, project)]
+        return [result for result, _ in self._predict_tasks(tasks, config, version, adjust, project)]
 
-    def predict_each(self, tasks: list[dict], label_config: str, project=None) -> tuple[str, list[tuple[dict, str | None]]]:
+    def predict_each(self, tasks: list[dict], label_config: str,
+                     project=None) -> tuple[str, list[tuple[dict, str | None]]]:
         """The bulk path (``backend.preannotate``): every task, no time budget. Returns the model version and,
         per task, its prediction and the reason it has none (None when it has one)."""
         config = project_config(label_config, self.settings.prompt_defaults, self.settings["MAX_LABELS"])
-        version = self.model_version(config, project)
-        return version, self._predict_tasks(tasks, config, version, project)
+        version, adjust = self._versioned(config, project)
+        return version, self._predict_tasks(tasks, config, version, adjust, project)
 
-    def _predict_tasks(self, tasks: list[dict], config: ProjectConfig, version: str,
+    def _predict_tasks(self, tasks: list[dict], config: ProjectConfig, version: str, adjust: LogitAdjuster | None,
                        project) -> list[tuple[dict, str | None]]:
         out = []
         for start in range(0, len(tasks), CHUNK):   # CHUNK images in memory at a time, however many tasks
-            out += self._predict_chunk(tasks[start:start + CHUNK], config, version, project)
+            out += self._predict_chunk(tasks[start:start + CHUNK], config, version, adjust, project)
         return out
 
-    def _predict_chunk(self, tasks: list[dict], config: ProjectConfig, version: str,
+    def _predict_chunk(self, tasks: list[dict], config: ProjectConfig, version: str, adjust: LogitAdjuster | None,
                        project) -> list[tuple[dict, str | None]]:
         started = time.perf_counter()
         with self.image_memory.reservation() as reserve:   # decoded pixels held until the chunk is labelled
             images = self._load_images(tasks, config, cached=needed_features(config.labelsets), reserve=reserve)
-            labelled = self._label_each(images, config)
+            labelled = self._label_each(images, config, adjust)
         out = []
         for n, image in enumerate(images):
             if n not in labelled:
@@ -194,26 +198,28 @@ class ClipBackend:
                 images.append(TaskImage(task.get("id"), None, f"{url[0]}: {error}"))
         return images
 
-    def _label_each(self, images: list[TaskImage], config: ProjectConfig) -> dict[int, ImageLabels]:
+    def _label_each(self, images: list[TaskImage], config: ProjectConfig,
+                    adjust: LogitAdjuster | None) -> dict[int, ImageLabels]:
         """Labels by index of the usable images, all together (CLIP batches across them). Should that fail, one
         by one, so that whatever an image triggers costs only its task: it is replaced by its error."""
         usable = [n for n, image in enumerate(images) if image.usable]
         try:
-            return dict(zip(usable, self._label([images[n] for n in usable], config)))
+            return dict(zip(usable, self._label([images[n] for n in usable], config, adjust)))
         except Exception:   # noqa: BLE001 - logged with its traceback; the images are then labelled one by one
             log.exception("labeling %d images together failed; labeling them one by one", len(usable))
         labelled = {}
         for n in usable:
             try:
-                [labelled[n]] = self._label([images[n]], config)
+                [labelled[n]] = self._label([images[n]], config, adjust)
             except Exception as error:   # noqa: BLE001
                 images[n] = TaskImage(images[n].task_id, None, f"labeling failed: {type(error).__name__}: {error}")
         return labelled
 
-    def _label(self, images: list[TaskImage], config: ProjectConfig) -> list[ImageLabels]:
+    def _label(self, images: list[TaskImage], config: ProjectConfig, adjust: LogitAdjuster | None
+               ) -> list[ImageLabels]:
         regions, whole = needed_features(config.labelsets)
         with self._inference:
-            return self.labeler.name(self._features(images, regions, whole), config.labelsets)
+            return self.labeler.name(self._features(images, regions, whole), config.labelsets, adjust)
 
     def _features(self, images: list[TaskImage], regions: bool, whole: bool) -> list[ImageFeatures]:
         """Features from the cache, else computed (under the inference lock, at most CHUNK images) and stored."""
@@ -233,7 +239,8 @@ class ClipBackend:
                 out[n] = merge(out[n], features)
         return out
 
-    def _interactive(self, task: dict, config: ProjectConfig, regions, version: str) -> dict:
+    def _interactive(self, task: dict, config: ProjectConfig, regions, version: str,
+                     adjust: LogitAdjuster | None) -> dict:
         """The annotator drew boxes: name them (and fill the whole-image choices)."""
         [image] = self._load_images([task], config)
         if image.pixels is None:
@@ -249,8 +256,9 @@ class ClipBackend:
                 boxes = [r.pixel_box(width, height) for r in regions
                          if by_control.get(r.from_name, fallback) is control]
                 boxes = torch.tensor([b for b in boxes if b is not None], dtype=torch.float32).reshape(-1, 4)
-                named[control.name] = self.labeler.label_boxes(image.pixels, boxes, control.labelset, control.name)
-            choices = self.labeler.label([image.pixels], heads)[0].choices if heads else {}
+                named[control.name] = self.labeler.label_boxes(image.pixels, boxes, control.labelset, control.name,
+                                                               adjust)
+            choices = self.labeler.label([image.pixels], heads, adjust)[0].choices if heads else {}
         return prediction_for_task(ImageLabels(width, height, named, choices), config, version)
 
     # ------------------------------------------------------------------ fit

@@ -16,7 +16,8 @@ comparison on validation scenes (seed 4000) instead: how the defaults in backend
 The last lines: novel-shape accuracy after 4 and 16 shots, the worst change of known-shape accuracy against
 zero-shot (over k = 1, 4, 16), the expected calibration error of region scores before / after the calibrator
 learned from 16 corrected tasks (with the 16-shot memory; the other held-out scenes scored), the AUROC with which
-task scores (product of calibrated keep-probabilities) separate tasks needing any correction, and last the gain in all-class recall after 16 shots, in points.
+task scores (product of calibrated keep-probabilities) separate tasks needing any correction, and last the gain
+in all-class recall after 16 shots, in points.
 """
 from __future__ import annotations
 
@@ -49,7 +50,6 @@ class World:
 
     def __init__(self, labeler, labelset: LabelSet, pool_seed: int, pool_size: int, test_seed: int, test_size: int):
         self.labeler, self.labelset = labeler, labelset
-        self.labeler.adjust_logits = None
         self.pool = list(scenes(pool_seed, pool_size))
         self.objects: list[tuple[int, str, torch.Tensor]] = []      # scene index, shape, embedding
         self.background: list[tuple[int, torch.Tensor]] = []        # scene index, embedding of a false positive
@@ -109,11 +109,7 @@ class World:
             def adjust(head, emb, logits, labelset):
                 return adjust_logits(memory, head, emb, logits, labelset, lambda e: clip.logits(e, labelset),
                                      clip.logit_scale, settings or AdapterSettings())
-        self.labeler.adjust_logits = adjust
-        try:
-            return self.labeler.name(self.features, {HEAD: self.labelset})
-        finally:
-            self.labeler.adjust_logits = None
+        return self.labeler.name(self.features, {HEAD: self.labelset}, adjust)
 
 
 def calibration(world: World, memory: Memory, corrected: int = 16) -> tuple[float, float, float]:

@@ -5,8 +5,8 @@ costs a matrix product against its cached text embeddings.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -39,16 +39,18 @@ def needed_features(heads: Mapping[str, LabelSet]) -> tuple[bool, bool]:
 
 
 class Labeler:
-    def __init__(self, clip: Clip, proposer: Proposer | None, crops: CropSettings = CropSettings(),
-                 adjust_logits: LogitAdjuster | None = None):
+    """The pipeline. ``adjust`` (naming calls): what a project learned, joined to the zero-shot logits; passed
+    per call, so one labeler serves any number of projects and threads."""
+
+    def __init__(self, clip: Clip, proposer: Proposer | None, crops: CropSettings = CropSettings()):
         self.clip = clip
         self.proposer = proposer
         self.crops = crops
-        self.adjust_logits = adjust_logits
 
-    def label(self, images: Sequence[torch.Tensor], heads: Mapping[str, LabelSet]) -> list[ImageLabels]:
+    def label(self, images: Sequence[torch.Tensor], heads: Mapping[str, LabelSet],
+              adjust: LogitAdjuster | None = None) -> list[ImageLabels]:
         """Label (3, H, W) uint8 upright images with every head."""
-        return self.name(self.features(images, *needed_features(heads)), heads)
+        return self.name(self.features(images, *needed_features(heads)), heads, adjust)
 
     def features(self, images: Sequence[torch.Tensor], regions: bool = True, whole: bool = True) -> list[ImageFeatures]:
         """The expensive, label-independent part: proposals and CLIP embeddings (batched across images)."""
@@ -59,22 +61,24 @@ class Labeler:
         return [ImageFeatures(image.shape[2], image.shape[1], p, r, w)
                 for image, p, r, w in zip(images, proposals, region_embeddings, image_embeddings)]
 
-    def name(self, features: Sequence[ImageFeatures], heads: Mapping[str, LabelSet]) -> list[ImageLabels]:
+    def name(self, features: Sequence[ImageFeatures], heads: Mapping[str, LabelSet],
+             adjust: LogitAdjuster | None = None) -> list[ImageLabels]:
         """The cheap part: name regions and choose whole-image labels with each head's prompts."""
         results = []
         for f in features:
-            regions = {head: self.name_regions(head, f.proposals, f.region_embeddings, labelset)
+            regions = {head: self.name_regions(head, f.proposals, f.region_embeddings, labelset, adjust)
                        for head, labelset in heads.items() if labelset.kind == "regions"}
-            choices = {head: self.choose(head, f.image_embedding[None], labelset)
+            choices = {head: self.choose(head, f.image_embedding[None], labelset, adjust)
                        for head, labelset in heads.items() if labelset.kind == "choices"}
             results.append(ImageLabels(f.width, f.height, regions, choices))
         return results
 
-    def label_boxes(self, image: torch.Tensor, boxes: torch.Tensor, labelset: LabelSet, head: str) -> Detections:
+    def label_boxes(self, image: torch.Tensor, boxes: torch.Tensor, labelset: LabelSet, head: str,
+                    adjust: LogitAdjuster | None = None) -> Detections:
         """Name boxes a person drew on control ``head``: they are objects, so the best label wins even over
         background."""
         embeddings = self.embed_boxes([image], [boxes.float().reshape(-1, 4)], self.crops)[0]
-        probs = self._logits(head, embeddings, labelset)[:, : len(labelset.labels)].softmax(-1)
+        probs = self._logits(head, embeddings, labelset, adjust)[:, : len(labelset.labels)].softmax(-1)
         score, best = probs.max(-1) if len(probs) else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
         return Detections(boxes.numpy(), score.numpy(), tuple(labelset.labels[i] for i in best.tolist()))
 
@@ -96,25 +100,26 @@ class Labeler:
         full = [torch.tensor([[0.0, 0.0, image.shape[2], image.shape[1]]]) for image in images]
         return torch.cat(self.embed_boxes(images, full, WHOLE_IMAGE))
 
-    def name_regions(self, head: str, proposals: Proposals, embeddings: torch.Tensor,
-                     labelset: LabelSet) -> Detections:
+    def name_regions(self, head: str, proposals: Proposals, embeddings: torch.Tensor, labelset: LabelSet,
+                     adjust: LogitAdjuster | None = None) -> Detections:
         """Each proposal gets its most likely label; those won by a background prompt are dropped."""
         if len(embeddings) == 0:
             return Detections.empty()
-        probs = self._logits(head, embeddings, labelset).softmax(-1)
+        probs = self._logits(head, embeddings, labelset, adjust).softmax(-1)
         score, best = probs.max(-1)
         n = len(labelset.labels)
         keep = (best < n) & (score >= torch.tensor(labelset.minimums())[best.clamp(max=n - 1)])
         return Detections(proposals.boxes[keep].numpy(), score[keep].numpy(),
                           tuple(labelset.labels[i] for i in best[keep].tolist()))
 
-    def choose(self, head: str, embedding: torch.Tensor, labelset: LabelSet) -> tuple[Choice, ...]:
+    def choose(self, head: str, embedding: torch.Tensor, labelset: LabelSet,
+               adjust: LogitAdjuster | None = None) -> tuple[Choice, ...]:
         """Whole-image labels above threshold, best first.
 
         Single-label: one softmax over labels and background prompts; nothing when background wins.
         Multi-label: each label against the background prompts alone, so several can pass.
         """
-        logits = self._logits(head, embedding, labelset)[0]
+        logits = self._logits(head, embedding, labelset, adjust)[0]
         n = len(labelset.labels)
         if labelset.multi_label and len(labelset.background):
             background = logits[n:].logsumexp(0)
@@ -128,6 +133,7 @@ class Labeler:
             picked = [c for c in picked if c[1] >= labelset.minimums()[best]]
         return tuple(Choice(label, score) for label, score in sorted(picked, key=lambda c: -c[1]))
 
-    def _logits(self, head: str, embeddings: torch.Tensor, labelset: LabelSet) -> torch.Tensor:
+    def _logits(self, head: str, embeddings: torch.Tensor, labelset: LabelSet,
+                adjust: LogitAdjuster | None) -> torch.Tensor:
         logits = self.clip.logits(embeddings, labelset)
-        return self.adjust_logits(head, embeddings, logits, labelset) if self.adjust_logits else logits
+        return adjust(head, embeddings, logits, labelset) if adjust else logits
