@@ -1,4 +1,6 @@
-"""Command line: serve | download | label | eval | demo-data | train-tiny | preannotate | report | settings. `--demo` = the bundled tiny models."""
+"""Command line: serve | download | label | eval | demo-data | train-tiny | preannotate | report | settings.
+
+`--demo` = the bundled tiny models."""
 from __future__ import annotations
 
 import argparse
@@ -48,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train-tiny", help="retrain the bundled tiny models (fixed seeds, ~28 min on 2 cores)")
     train.add_argument("--out", default=None, help="default: backend/assets/tiny")
 
-    pre = sub.add_parser("preannotate", help="pre-annotate a whole Label Studio project over RQ workers (needs REDIS_URL)")
+    pre = sub.add_parser("preannotate",
+                         help="pre-annotate a whole Label Studio project over RQ workers (needs REDIS_URL)")
     from .preannotate import add_arguments
     add_arguments(pre)
 
@@ -86,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             return demo_data_command(args)
         if args.command == "train-tiny":
             from pathlib import Path
+
             from .demo.train_tiny import train_all
             from .labeling.factory import TINY_DIR
             train_all(Path(args.out) if args.out else TINY_DIR)
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except ValueError as error:
-        from .config import SettingsError   # imported here: the config pulls in torch, --help need not
+        from .config import SettingsError  # imported here: the config pulls in torch, --help need not
 
         if not isinstance(error, SettingsError):
             raise

@@ -8,8 +8,8 @@ for each other; it waits while others hold the budget, and a chunk larger than t
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 
 class ByteBudget:

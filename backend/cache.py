@@ -48,8 +48,8 @@ import logging
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -229,7 +229,7 @@ class RedisTier(Tier):
         self._meta = [f"{prefix}:lru", f"{prefix}:bytes", f"{prefix}:sizes"]
 
     @classmethod
-    def from_url(cls, url: str, max_bytes: int, ttl_s: float) -> "RedisTier":
+    def from_url(cls, url: str, max_bytes: int, ttl_s: float) -> RedisTier:
         import redis
 
         return cls(redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5), max_bytes, ttl_s)

@@ -5,8 +5,9 @@ Each setting is declared once (name, type, default, help); the README's table is
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from .labeling.clip import pick_device
 from .labeling.crops import CropSettings
@@ -86,7 +87,7 @@ class Settings:
     demo: bool = False
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, demo: bool = False) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, demo: bool = False) -> Settings:
         environ = os.environ if environ is None else environ
         values = {}
         for name, kind, default, _ in SETTINGS:

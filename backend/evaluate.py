@@ -18,13 +18,14 @@ import json
 import sys
 import xml.etree.ElementTree as ElementTree
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+
 from .config import Settings
 from .labeling.factory import build_labeler, set_threads
 from .labeling.pipeline import Labeler

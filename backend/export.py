@@ -15,8 +15,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from .labeling.detections import ImageLabels
 from .studio.label_config import ProjectConfig

@@ -5,7 +5,8 @@ memory) runs elsewhere:
 
 - with REDIS_URL: on the RQ queue ``clip-ls``, run by any number of workers on any machines sharing that Redis::
 
-      rq worker --url "$REDIS_URL" --worker-class rq.worker.SimpleWorker --serializer rq.serializers.JSONSerializer clip-ls
+      rq worker --url "$REDIS_URL" --worker-class rq.worker.SimpleWorker \
+          --serializer rq.serializers.JSONSerializer clip-ls
 
   A worker loads the models once, at its first job, from the same settings (environment) as the backend.
   ``SimpleWorker`` runs jobs in the worker process itself, so the models stay loaded between jobs; RQ's default
@@ -26,7 +27,8 @@ import os
 import queue
 import threading
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,8 @@ that already carry a prediction of our model version, and enqueues the rest in c
 ``clip-ls``. Any number of workers on any machines sharing the Redis compute the predictions and write them
 back with ``POST /api/predictions`` under our model version, so a later "Retrieve predictions" skips them::
 
-    rq worker --url "$REDIS_URL" --worker-class rq.worker.SimpleWorker --serializer rq.serializers.JSONSerializer clip-ls
+    rq worker --url "$REDIS_URL" --worker-class rq.worker.SimpleWorker \
+        --serializer rq.serializers.JSONSerializer clip-ls
 
 (``SimpleWorker`` keeps the models loaded between jobs; each worker loads them once, at its first job, from its
 own environment: the same settings as the server, plus ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY`` as seen
@@ -43,7 +44,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .jobs import QUEUE_NAME as QUEUE   # learning jobs and bulk chunks share the queue
+from .jobs import QUEUE_NAME as QUEUE  # learning jobs and bulk chunks share the queue
 from .jobs import WORKER_OPTIONS, rq_queue
 from .studio.api import LabelStudioAPI, LabelStudioAPIError
 
@@ -149,7 +150,8 @@ class RunState:
         self.redis.eval(_DELETE_IF_OURS, 1, self.lock_key, token)
 
 
-_EXTEND_IF_OURS = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) end return 0"
+_EXTEND_IF_OURS = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) end "
+                   "return 0")
 _DELETE_IF_OURS = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
 
@@ -186,7 +188,8 @@ class Coordinator:
         from rq.job import JobStatus
 
         job = self.queue.enqueue("backend.worker.probe_version", run, job_timeout=max(self.job_timeout, 600),
-                                 result_ttl=600, failure_ttl=3600, description=f"clip-ls version of project {run['project']}")
+                                 result_ttl=600, failure_ttl=3600,
+                                 description=f"clip-ls version of project {run['project']}")
         started = time.monotonic()
         deadline, hinted = started + timeout, False
         while True:

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 from .config import Settings
-from .studio.api import LabelStudioAPI, LabelStudioAPIError
 from .store import open_store
+from .studio.api import LabelStudioAPI, LabelStudioAPIError
 from .studio.report import Report, project_report, render
 
 

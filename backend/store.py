@@ -36,9 +36,10 @@ import sqlite3
 import struct
 import threading
 import time
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import closing, contextmanager
-from typing import Iterable, Iterator, Mapping, NamedTuple
+from pathlib import Path
+from typing import NamedTuple
 
 from .labeling.adapter import Examples, Memory
 
@@ -353,13 +354,15 @@ class SqliteStore(Store):
         if not records:
             return
         now = time.time()
-        rows = [(project, int(task), json.dumps(record, separators=(",", ":")), now) for task, record in records.items()]
+        rows = [(project, int(task), json.dumps(record, separators=(",", ":")), now)
+                for task, record in records.items()]
         with self._writing() as db:
             db.executemany("INSERT OR REPLACE INTO predictions VALUES (?, ?, ?, ?)", rows)
 
     def prediction(self, project: int, task: int) -> dict | None:
         with self._reading() as db:
-            row = db.execute("SELECT record FROM predictions WHERE project=? AND task=?", (project, int(task))).fetchone()
+            row = db.execute("SELECT record FROM predictions WHERE project=? AND task=?",
+                             (project, int(task))).fetchone()
         return json.loads(row[0]) if row else None
 
 

@@ -59,7 +59,8 @@ def main() -> None:
         other.settings = backend.settings
 
     def tasks(offset: int) -> list[dict]:
-        return [{"id": offset + i, "data": {"image": f"/data/local-files/?d=scene_{i}.png"}} for i in range(args.images)]
+        return [{"id": offset + i, "data": {"image": f"/data/local-files/?d=scene_{i}.png"}}
+                for i in range(args.images)]
 
     def run(model: ClipBackend, batch: list[dict], project: str) -> float:
         started = time.perf_counter()

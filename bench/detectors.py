@@ -6,7 +6,8 @@
 Speed: real architectures on 800x600 images (real weights when present, random otherwise: speed does not
 depend on weight values), the default R50-FPN v2 at fp32 and at this machine's default PRECISION vs the
 candidates for the `cpu` profile (MobileNetV3 Faster R-CNNs, SSDlite320) and smaller inputs, interleaved in one
-run, with torchvision's published COCO box mAP of each. Recall: measuring it needs trained weights, so it is measured where we have them —
+run, with torchvision's published COCO box mAP of each. Recall: measuring it needs trained weights, so it is
+measured where we have them —
 the bundled tiny detector on held-out shapes-world scenes at smaller input sizes (the same lever).
 The last line is the profile's speed-up.
 """
@@ -60,7 +61,7 @@ def speed(images: int, rounds: int) -> dict[tuple[str, int | None], float]:
     pictures = [scene_tensor(s.image.resize((800, 600))) for s in scenes(11, images)]
     runners = {v: proposer(*v) for v in VARIANTS}
     seconds = {v: 0.0 for v in VARIANTS}
-    for v, (run, _) in runners.items():
+    for run, _ in runners.values():
         run(pictures[0])  # warm-up
     for _ in range(rounds):  # interleaved: this machine's speed drifts
         for v, (run, _) in runners.items():
@@ -69,7 +70,8 @@ def speed(images: int, rounds: int) -> dict[tuple[str, int | None], float]:
                 run(picture)
             seconds[v] += time.perf_counter() - start
     per_image = {v: s / (rounds * images) for v, s in seconds.items()}
-    print("| detector | input | precision | weights | COCO box mAP | s/image | images/s |\n|---|---|---|---|---|---|---|")
+    print("| detector | input | precision | weights | COCO box mAP | s/image | images/s |\n"
+          "|---|---|---|---|---|---|---|")
     for (name, size, precision), s in per_image.items():
         print(f"| {name} | {size or 'own'} | {precision} | {runners[(name, size, precision)][1]} | {coco_map(name)} "
               f"| {s:.3f} | {1 / s:.2f} |")
@@ -79,7 +81,8 @@ def speed(images: int, rounds: int) -> dict[tuple[str, int | None], float]:
 def recall(n: int) -> None:
     model = load_detector("tiny_shapes", TINY_DIR / "detector.pt")
     held_out = list(scenes(1500, n, shapes=SHAPES))
-    print("\n| tiny detector input | recall@0.5 | precision | recall, objects ≤ 16 px | ms/image |\n|---|---|---|---|---|")
+    print("\n| tiny detector input | recall@0.5 | precision | recall, objects ≤ 16 px | ms/image |\n"
+          "|---|---|---|---|---|")
     for size in (160, 128, 96, 64):   # 64 = 160 x 320/800, the SSDlite320 lever at this scale
         run = Proposer(model, ProposalSettings(score_threshold=0.7, input_size=size))
         score, small = MatchScore(), MatchScore()

@@ -18,8 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline import (WIDTH, HEIGHT, RECIPE_CROPS, at_precision, centred_cosine, end_to_end, load_models,  # noqa: E402
-                      make_images)
+from pipeline import HEIGHT, RECIPE_CROPS, WIDTH, at_precision, centred_cosine, end_to_end, load_models, make_images  # noqa: E402
 
 from backend.demo.shapes import SHAPES  # noqa: E402
 from backend.labeling.crops import crop_regions, cut_crops  # noqa: E402

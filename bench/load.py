@@ -256,13 +256,15 @@ def run(args, server: subprocess.Popen, url: str, work: Path) -> int:
             print(f"    lost on {route}: {reason}")
     print(f"| /health idle (baseline) | 100 | 0 | | {figures['health_idle_p50_ms']:.1f} | "
           f"{figures['health_idle_p99_ms']:.1f} | |")
-    print(f"server memory (PSS of the process tree): {mem_start[0] / 2**20:.0f} MiB at start, {mem_peak[0] / 2**20:.0f} "
+    print(f"server memory (PSS of the process tree): {mem_start[0] / 2**20:.0f} MiB at start, "
+          f"{mem_peak[0] / 2**20:.0f} "
           f"MiB peak; largest process RSS peak {mem_peak[1] / 2**20:.0f} MiB; still serving after the load: {alive}")
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=1))
     health = figures["routes"]["/health"]
     print(f"load: {recorder.count} requests in {wall:.0f} s ({recorder.count / wall:.1f} req/s), {lost_total} lost; "
-          f"/predict {figures['routes']['/predict']['rps']:.1f} req/s p50 {figures['routes']['/predict']['p50_ms']:.0f} ms; "
+          f"/predict {figures['routes']['/predict']['rps']:.1f} req/s "
+          f"p50 {figures['routes']['/predict']['p50_ms']:.0f} ms; "
           f"/health p50 {health['p50_ms']:.1f} ms p99 {health['p99_ms']:.1f} ms under load "
           f"(idle p99 {figures['health_idle_p99_ms']:.1f} ms); peak PSS {mem_peak[0] / 2**20:.0f} MiB "
           f"(start {mem_start[0] / 2**20:.0f})")

@@ -21,8 +21,8 @@ import argparse
 import copy
 import io
 import resource
-import subprocess
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,11 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from PIL import Image  # noqa: E402
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor  # noqa: E402
 
+from backend.config import CPU_PROFILE  # noqa: E402
 from backend.demo.shapes import SHAPES, scenes  # noqa: E402
 from backend.labeling.clip import Clip  # noqa: E402
 from backend.labeling.crops import CropSettings, crop_regions, cut_crops  # noqa: E402
 from backend.labeling.decode import decode_image  # noqa: E402
-from backend.config import CPU_PROFILE  # noqa: E402
 from backend.labeling.detectors import load_detector  # noqa: E402
 from backend.labeling.errors import ModelUnavailable  # noqa: E402
 from backend.labeling.factory import TINY_DIR  # noqa: E402
@@ -273,7 +273,8 @@ def main() -> None:
     print(f"interactive box -> label: {latency * 1000:.0f} ms (one box, decode included, warm, median of 5)")
     print(f"peak RSS, one process with the default models: {peak_rss(args):.2f} GiB")
     print(f"cpu profile detector: {cpu_name}, {precision}")
-    print(f"end-to-end speedup (fp32, batched vs naive): {naive_total / (naive_total - naive_seconds + fp32_classify):.1f}x")
+    batched_total = naive_total - naive_seconds + fp32_classify
+    print(f"end-to-end speedup (fp32, batched vs naive): {naive_total / batched_total:.1f}x")
     print(f"default vs fp32 end-to-end speedup: {fp32_total / total:.1f}x")
     print(f"cpu profile: {args.images / cpu_total:.2f} images/s, {fp32_total / cpu_total:.1f}x the fp32 default")
     ratios = [naive_s / (crops_s + clip_s) for crops_s, clip_s, naive_s in rounds]

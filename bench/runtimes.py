@@ -94,8 +94,8 @@ def measure(name: str, part: nn.Module, example: torch.Tensor, rounds: int, chan
     base = statistics.median(seconds["torch fp32"])
     for key in runs:
         s = statistics.median(seconds[key])
-        print(f"| {name} | {key} | {s * 1000:.0f} | {base / s:.2f}x | {centred_cosine(outputs['torch fp32'], outputs[key]):.4f} |",
-              flush=True)
+        cosine = centred_cosine(outputs["torch fp32"], outputs[key])
+        print(f"| {name} | {key} | {s * 1000:.0f} | {base / s:.2f}x | {cosine:.4f} |", flush=True)
 
 
 def main() -> None:

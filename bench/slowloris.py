@@ -54,7 +54,7 @@ def health_checks(url: str, n: int) -> tuple[list[float], int]:
 def hold(port: int, n: int, stop: threading.Event) -> list[socket.socket]:
     """n connections that never complete a request: half stop mid-headers, half drip a byte every 0.5 s."""
     sockets = []
-    for i in range(n):
+    for _i in range(n):
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
         s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         sockets.append(s)

@@ -8,7 +8,8 @@ template) and our backend as a real process (`python -m backend serve --demo`, t
 creates a project with the demo config, uploads a few shape scenes, connects the backend and runs
 "Retrieve predictions"; then logs in through the login form, hands the session cookie to headless
 Chromium and photographs `/projects/ID/data?task=TASK_ID` (the Data Manager with the task open in the
-editor, with the editor's "Show region labels" setting on) once the image and the predicted boxes are drawn. Everything runs on 127.0.0.1 and is stopped
+editor, with the editor's "Show region labels" setting on) once the image and the predicted boxes are drawn.
+Everything runs on 127.0.0.1 and is stopped
 at the end (by PID); `--keep` leaves the work dir (logs) in place.
 
 No extra Python package: Chromium is driven over the DevTools protocol through `--remote-debugging-pipe`
@@ -77,7 +78,8 @@ class DevTools:
         # The child must see our pipe ends as its fds 3 (reads commands) and 4 (writes answers). Python's
         # own fds are close-on-exec, so with close_fds=False only these two (dup2 clears the flag) pass.
         def child_fds():
-            high_r, high_w = fcntl.fcntl(to_browser_r, fcntl.F_DUPFD, 10), fcntl.fcntl(from_browser_w, fcntl.F_DUPFD, 10)
+            high_r = fcntl.fcntl(to_browser_r, fcntl.F_DUPFD, 10)
+            high_w = fcntl.fcntl(from_browser_w, fcntl.F_DUPFD, 10)
             os.dup2(high_r, 3)
             os.dup2(high_w, 4)
 
@@ -120,7 +122,7 @@ class DevTools:
     def close(self) -> None:
         try:
             self.send("Browser.close", timeout=10)
-        except Exception:
+        except (OSError, RuntimeError, TimeoutError):   # already gone: it is closed either way
             pass
         try:
             self.proc.wait(timeout=15)

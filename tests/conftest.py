@@ -7,9 +7,7 @@ import time
 import uuid
 
 import pytest
-
 from e2e.local_http import free_port
-
 
 
 def _answers(port: int) -> bool:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from backend.labeling.adapter import AdapterSettings, Examples, Memory, _folds, _Statistics, adjust_logits
 from backend.labeling.prompts import LabelSet
 
+
 def _memory(rows: list[tuple[str | None, torch.Tensor]], head="label", per_source=1) -> Memory:
     sources = [rows[i:i + per_source] for i in range(0, len(rows), per_source)]
     return Memory.build([Examples((head,) * len(s), tuple(r[0] for r in s), torch.stack([r[1] for r in s]))

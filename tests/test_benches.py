@@ -21,8 +21,8 @@ def run_bench(script: str, *args: str) -> list[str]:
 
 def test_quality_bench_runs():
     last = run_bench("quality.py", "--scenes", "3")[-1]
-    assert re.fullmatch(r"tiny pipeline \(thr 0\.7, bg on\): recall [01]\.\d{3} precision [01]\.\d{3} labels [01]\.\d{3}",
-                        last), last
+    assert re.fullmatch(r"tiny pipeline \(thr 0\.7, bg on\): "
+                        r"recall [01]\.\d{3} precision [01]\.\d{3} labels [01]\.\d{3}", last), last
 
 
 @pytest.mark.parametrize("with_redis", [False, True])
@@ -41,5 +41,5 @@ def test_corrections_bench_runs():
 
 def test_learner_refit_bench_runs():
     last = run_bench("learner_refit.py", "--tiny")[-1]
-    assert re.fullmatch(r"refit after one annotation, 100 examples, 16 dims: \d+\.\d ms \(\d+\.\d\dx the 50 ms target\)",
-                        last), last
+    assert re.fullmatch(r"refit after one annotation, 100 examples, 16 dims: "
+                        r"\d+\.\d ms \(\d+\.\d\dx the 50 ms target\)", last), last

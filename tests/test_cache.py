@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from backend import cache as cache_module
-from backend.cache import (FeatureCache, MemoryTier, RedisTier, Tier, build_feature_cache, decode_part, encode_part,
-                           has_parts, image_digest)
+from backend.cache import (
+    FeatureCache,
+    MemoryTier,
+    RedisTier,
+    Tier,
+    build_feature_cache,
+    decode_part,
+    encode_part,
+    has_parts,
+    image_digest,
+)
 from backend.config import Settings
 from backend.labeling.pipeline import ImageFeatures
 from backend.labeling.proposals import Proposals
@@ -67,7 +76,7 @@ def test_a_part_is_not_read_as_the_other():
 
 
 def test_the_digest_is_the_content_hash():
-    assert image_digest(b"abc") == image_digest(bytes(b"abc")) != image_digest(b"abd")
+    assert image_digest(b"abc") == image_digest(b"abc") != image_digest(b"abd")
     assert len(image_digest(b"")) == 64
 
 

@@ -120,7 +120,8 @@ def test_eval_reads_a_voc_copy_of_the_demo_data_like_its_coco_json(demo, tmp_pat
 
     voc, from_coco = read_voc(tmp_path), read_coco(demo / "annotations.json")
     assert voc.classes == tuple(sorted(from_coco.classes))
-    as_tuples = lambda dataset: sorted((o.image.name, o.box, o.label) for o in dataset.objects)
+    def as_tuples(dataset):
+        return sorted((o.image.name, o.box, o.label) for o in dataset.objects)
     assert as_tuples(voc) == as_tuples(from_coco)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from backend.jobs import QUEUE_NAME as QUEUE   # the queue the backend enqueues on
+from backend.jobs import QUEUE_NAME as QUEUE  # the queue the backend enqueues on
 
 COMPOSE_FILE = Path(__file__).resolve().parents[1] / "docker-compose.yml"
 

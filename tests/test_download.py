@@ -12,11 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from fake_hub import COMMIT, FakeHub
 
 from backend.demo.shapes import scenes
 from backend.labeling.factory import TINY_DIR
-
-from fake_hub import COMMIT, FakeHub
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "fake-org/tiny-clip"
@@ -68,7 +67,8 @@ def test_download_fetches_only_what_loading_needs_then_loads_offline(hub, tmp_pa
 def test_a_download_cut_midway_recovers_on_the_next_run(hub, tmp_path):
     hub.cut_once[f"/{REPO}/resolve/{COMMIT}/model.safetensors"] = 20_000
     env = env_for(tmp_path, hub)
-    first = run(["-c", "from backend.labeling.download import fetch_clip; print(fetch_clip('fake-org/tiny-clip'))"], env)
+    fetch = "from backend.labeling.download import fetch_clip; print(fetch_clip('fake-org/tiny-clip'))"
+    first = run(["-c", fetch], env)
     print(f"first run after the cut: exit {first.returncode}")
     if first.returncode != 0:   # huggingface_hub may resume within the same run; if not, the next run must
         assert "cannot download CLIP model" in first.stderr

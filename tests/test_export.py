@@ -10,7 +10,7 @@ from pycocotools.cocoeval import COCOeval
 
 from backend.demo.demo_data import label_config, write_demo_data
 from backend.demo.shapes import SHAPES
-from backend.export import (box_categories, coco_detections, label_studio_tasks, write_yolo, yolo_lines)
+from backend.export import box_categories, coco_detections, label_studio_tasks, write_yolo, yolo_lines
 from backend.labeling.detections import Choice, Detections, ImageLabels
 from backend.studio.label_config import parse_label_config
 

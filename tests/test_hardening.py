@@ -16,13 +16,14 @@ import zlib
 from http.server import ThreadingHTTPServer
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from e2e.local_http import QuietHandler
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from backend.app import create_app
 from backend.config import Settings
 from backend.studio.label_config import LabelConfigError, ProjectConfig, parse_label_config
-from e2e.local_http import QuietHandler
 
 CONFIG = """<View><Image name="image" value="$image"/>
   <RectangleLabels name="label" toName="image"><Label value="circle"/><Label value="square"/></RectangleLabels>
@@ -31,7 +32,8 @@ POST_ROUTES = ("/setup", "/predict", "/webhook")
 NEVER = settings(deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
 
 # ---------------------------------------------------------------- strategies
-json_scalars = st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.floats(allow_nan=False) | st.text(max_size=30)
+json_scalars = (st.none() | st.booleans() | st.integers(-2**63, 2**63) | st.floats(allow_nan=False)
+                | st.text(max_size=30))
 json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
                            | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=15)
 image_values = st.one_of(json_values, st.sampled_from([
@@ -149,7 +151,8 @@ def test_any_bytes_with_any_content_type_get_a_json_answer(parsing_client, route
     assert_answered(parsing_client.post(route, data=raw, content_type=content_type))
 
 
-@pytest.mark.parametrize("raw", [b"\xff\xfe{", b'{"tasks": [' * 5000, b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+@pytest.mark.parametrize("raw", [b"\xff\xfe{", b'{"tasks": [' * 5000,
+                                 b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
                                  b'{"tasks": NaN}', b'{"tasks": [{"id": 1e999}]}', b'\x00' * 1000])
 def test_pathological_json_is_a_400(parsing_client, raw):
     for route in POST_ROUTES:
@@ -224,7 +227,8 @@ def test_truncated_and_garbled_configs_are_clear_errors(xml):
 def test_configs_without_an_image_or_a_usable_control_are_a_400_with_the_reason(parsing_client):
     for schema, words in [("<View><Text name='t' value='$text'/></View>", "Image"),
                           ("<View><Image name='image' value='$image'/><TextArea name='n' toName='image'/></View>", ""),
-                          ("<View/>", ""), ("", ""), ("<?xml version='1.0'?><!DOCTYPE v [<!ENTITY x 'y'>]><View/>", "")]:
+                          ("<View/>", ""), ("", ""),
+                          ("<?xml version='1.0'?><!DOCTYPE v [<!ENTITY x 'y'>]><View/>", "")]:
         response = parsing_client.post("/setup", json={"schema": schema})
         assert response.status_code == 400 and words in response.get_json()["error"]
         predict = parsing_client.post("/predict", json={"tasks": [{"id": 1, "data": {}}], "label_config": schema})
@@ -484,7 +488,8 @@ def test_wrong_types_in_tasks_cost_only_their_task(real_client, image_hosts, tas
 
 
 @pytest.mark.parametrize("d", ["../secret.png", "sub/../../secret.png", "escape.png", "/etc/passwd",
-                               "%2e%2e/secret.png", "..%2Fsecret.png", "sub/%2e%2e/%2e%2e/secret.png", "....//secret.png",
+                               "%2e%2e/secret.png", "..%2Fsecret.png", "sub/%2e%2e/%2e%2e/secret.png",
+                               "....//secret.png",
                                "ok.png\x00.txt"])
 def test_local_file_paths_cannot_leave_the_root(real_client, d, caplog):
     caplog.set_level(logging.WARNING)
@@ -574,7 +579,7 @@ def test_request_threads_of_a_forked_worker_never_race_on_torchs_thread_pool():
             errors = []
             barrier = threading.Barrier(8)
 
-            def work():
+            def work(barrier=barrier, errors=errors):
                 barrier.wait()
                 try:
                     for _ in range(3):

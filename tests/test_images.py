@@ -12,8 +12,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from backend.studio.images import (RENEW_BEFORE_EXPIRY_S, ImageFetcher, ImageFetchError, is_personal_access_token,
-                                   jwt_payload)
+from backend.studio.images import (
+    RENEW_BEFORE_EXPIRY_S,
+    ImageFetcher,
+    ImageFetchError,
+    is_personal_access_token,
+    jwt_payload,
+)
 
 LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
 IMAGE = b"\x89PNG fake image bytes"

@@ -5,7 +5,8 @@ from dataclasses import replace
 from xml.sax.saxutils import quoteattr
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from backend.labeling.prompts import DEFAULT_BACKGROUND, LabelSet
 from backend.studio.label_config import LabelConfigError, TaskDataError, parse_label_config

@@ -25,9 +25,9 @@ import pytest
 
 from backend.app import create_app
 from backend.config import Settings
-from backend.jobs import WORKER_OPTIONS, rq_queue
 from backend.demo.scoring import MatchScore
 from backend.demo.shapes import KNOWN_SHAPES, NOVEL_SHAPES, SHAPES, scenes
+from backend.jobs import WORKER_OPTIONS, rq_queue
 from backend.labeling.detections import Detections
 from backend.labeling.factory import build_labeler
 from backend.model import ClipBackend

@@ -11,11 +11,11 @@ import zlib
 from http.server import ThreadingHTTPServer
 
 import pytest
+from test_images import IMAGE, LEGACY_TOKEN, FakeLabelStudio, Handler, Server, no_proxies  # noqa: F401
 
 from backend.config import Settings, SettingsError
 from backend.studio import http
 from backend.studio.images import ImageFetcher, ImageFetchError
-from test_images import IMAGE, LEGACY_TOKEN, FakeLabelStudio, Handler, Server, no_proxies  # noqa: F401
 
 
 class Recorder:
@@ -486,7 +486,8 @@ def test_ten_thousand_labels_are_refused_naming_the_limit(serve):
     for route, body in (("/setup", {"project": "1.1", "schema": config}),
                         ("/predict", {"tasks": [TASK], "label_config": config}),):
         answer = post(f"{url}/s3cret{route}", body)
-        assert answer.status_code == 400 and "10000 labels, above the limit of 1000 (MAX_LABELS)" in answer.json()["error"]
+        assert answer.status_code == 400
+        assert "10000 labels, above the limit of 1000 (MAX_LABELS)" in answer.json()["error"]
 
 
 def test_text_embeddings_are_batched_and_their_cache_bounded(labeler, monkeypatch):
@@ -511,9 +512,10 @@ def test_redis_with_a_password_works_and_a_wrong_one_is_refused_without_leaking_
     import shutil
     import subprocess
 
+    from e2e.local_http import free_port
+
     from backend.jobs import RQJobs
     from backend.store import Change, RedisStore, StoreUnavailable
-    from e2e.local_http import free_port
 
     if not shutil.which("redis-server"):
         pytest.skip("no redis-server to start")

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from e2e.local_http import free_port
 
 from backend.labeling.adapter import Examples
 from backend.store import Change, RedisStore, SqliteStore, StoreUnavailable
-from e2e.local_http import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

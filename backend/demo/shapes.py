@@ -11,8 +11,8 @@ they show what zero-shot cannot do and what learning from corrections adds.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter

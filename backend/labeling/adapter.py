@@ -37,8 +37,8 @@ import hashlib
 import json
 import struct
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 
@@ -92,7 +92,7 @@ class Examples:
         return MAGIC + struct.pack("<I", len(header)) + header + rows
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Examples":
+    def from_bytes(cls, data: bytes) -> Examples:
         if data[:4] != MAGIC:
             raise ValueError("not an encoded Examples record")
         (size,) = struct.unpack("<I", data[4:8])
@@ -139,7 +139,7 @@ class Memory:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
-    def build(cls, examples: Iterable[Examples]) -> "Memory":
+    def build(cls, examples: Iterable[Examples]) -> Memory:
         rows: dict[str, tuple[list[torch.Tensor], list[str | None], list[int]]] = {}
         size = 0
         for group, ex in enumerate(examples):
@@ -177,7 +177,8 @@ class Memory:
 
 
 def adjust_logits(memory: Memory, head: str, embeddings: torch.Tensor, logits: torch.Tensor, labelset: LabelSet,
-                  zero_shot: ZeroShot, logit_scale: float, settings: AdapterSettings = AdapterSettings()) -> torch.Tensor:
+                  zero_shot: ZeroShot, logit_scale: float,
+                  settings: AdapterSettings = AdapterSettings()) -> torch.Tensor:
     """Zero-shot ``logits`` (N, L + B) plus the memory's term; unchanged where it has nothing to add."""
     fitted = memory.fitted(head, labelset, zero_shot, logit_scale, settings) if memory else None
     if fitted is None or len(embeddings) == 0:
@@ -238,7 +239,7 @@ class _Statistics:
         self.classes, self.gram, self.sums, self.counts, self.hits = classes, gram, sums, counts, hits
         self.totals = None
 
-    def without(self, fold: int | None) -> "_Statistics":
+    def without(self, fold: int | None) -> _Statistics:
         """The totals over every fold but ``fold`` (None: over all)."""
         parts = (self.gram, self.sums, self.counts, self.hits)
         totals = [part.sum(0) for part in parts] if self.totals is None else self.totals

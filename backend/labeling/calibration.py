@@ -38,7 +38,7 @@ class Calibrator:
 
     @classmethod
     def fit(cls, features: np.ndarray, kept: np.ndarray, minimum: int = 30, l2: float = 1e-2,
-            steps: int = 25) -> "Calibrator":
+            steps: int = 25) -> Calibrator:
         """Newton's method on the L2-regularised logistic loss; the prior when there is too little to learn."""
         kept = np.asarray(kept, dtype=np.float64)
         if len(kept) < minimum or kept.min() == kept.max():
@@ -71,7 +71,7 @@ class Calibrator:
         return json.dumps({"weights": list(self.weights), "bias": self.bias}).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Calibrator":
+    def from_bytes(cls, data: bytes) -> Calibrator:
         state = json.loads(data)
         return cls(tuple(float(v) for v in state["weights"]), float(state["bias"]))
 

@@ -58,7 +58,7 @@ class Clip:
         self._text_lock = threading.Lock()
 
     @classmethod
-    def load(cls, name_or_path: str, device: str = "auto", batch_size: int = 32, offline: bool = True) -> "Clip":
+    def load(cls, name_or_path: str, device: str = "auto", batch_size: int = 32, offline: bool = True) -> Clip:
         """Load a local directory, or a hub id from the hub cache (downloaded there first unless ``offline``)."""
         path = fetch_clip(name_or_path, offline)
         hf_logging.disable_progress_bar()  # a bar per load is noise in a server log

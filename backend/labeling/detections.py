@@ -28,13 +28,13 @@ class Detections:
             raise ValueError("boxes, scores and labels must have the same length")
 
     @classmethod
-    def empty(cls) -> "Detections":
+    def empty(cls) -> Detections:
         return cls(np.zeros((0, 4)), np.zeros(0), ())
 
     def __len__(self) -> int:
         return len(self.boxes)
 
-    def __getitem__(self, index) -> "Detections":
+    def __getitem__(self, index) -> Detections:
         """Select by boolean mask, index array or slice."""
         index = np.arange(len(self))[index]
         return Detections(self.boxes[index], self.scores[index], tuple(self.labels[i] for i in index))

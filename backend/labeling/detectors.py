@@ -1,4 +1,5 @@
-"""Detector builders (Faster R-CNN, SSDlite), as data: a name → how to build the architecture and where its weights live.
+"""Detector builders (Faster R-CNN, SSDlite), as data: a name → how to build the architecture and where its
+weights live.
 
 Real detectors are torchvision's, with their COCO weights from a local file (``DETECTOR_WEIGHTS``) or the
 torch hub cache, downloaded there once when missing (``download.py``; never with ``offline``);
@@ -8,9 +9,9 @@ demos. Missing weights raise ``ModelUnavailable`` with one message saying what i
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn

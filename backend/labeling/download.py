@@ -67,10 +67,10 @@ def fetch_clip(name: str, offline: bool = False) -> str:
     if isinstance(cached, str) and _complete(Path(cached).parent):
         return str(Path(cached).parent)
     if offline:
-        raise ModelUnavailable(f"CLIP model '{name}' is not (completely) in the Hugging Face cache ({_cache_dir()}) and "
-                               f"OFFLINE is set: {DOWNLOAD_HINT}, then copy the cache (or set HF_HOME); or set "
-                               f"CLIP_MODEL to a local directory. To try the backend without any download, use "
-                               f"--demo.")
+        raise ModelUnavailable(f"CLIP model '{name}' is not (completely) in the Hugging Face cache "
+                               f"({_cache_dir()}) and OFFLINE is set: {DOWNLOAD_HINT}, then copy the cache (or "
+                               f"set HF_HOME); or set CLIP_MODEL to a local directory. To try the backend without "
+                               f"any download, use --demo.")
     started = time.monotonic()
     log.info("downloading CLIP model %s into %s ...", name, _cache_dir())
     try:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 DEFAULT_BACKGROUND = ("mostly background",)
@@ -60,7 +61,7 @@ class LabelSet:
 
     @classmethod
     def build(cls, labels: Sequence[str], templates: Sequence[str] | str = DEFAULT_TEMPLATE,
-              background: Sequence[str] | str | None = DEFAULT_BACKGROUND, **options) -> "LabelSet":
+              background: Sequence[str] | str | None = DEFAULT_BACKGROUND, **options) -> LabelSet:
         """Prompts per label: every template filled with the label's name."""
         templates = (templates,) if isinstance(templates, str) else tuple(templates)
         background = (background,) if isinstance(background, str) else tuple(background or ())

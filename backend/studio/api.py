@@ -8,7 +8,8 @@ its workers list tasks, read and write predictions.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlencode
 
 from . import http
@@ -37,7 +38,7 @@ class LabelStudioAPI:
         self._auth = auth or LabelStudioAuth(timeout, allow_private)
 
     @classmethod
-    def of(cls, fetcher: ImageFetcher) -> "LabelStudioAPI":
+    def of(cls, fetcher: ImageFetcher) -> LabelStudioAPI:
         """The API of the Label Studio an image fetcher uses, with its key and its token cache."""
         url, key = fetcher.label_studio_and_key
         if url is None:

@@ -19,8 +19,8 @@ import ipaddress
 import socket
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 from urllib.parse import urljoin
 
 import urllib3
@@ -60,7 +60,7 @@ class Origin:
     port: int
 
     @classmethod
-    def of(cls, url: str) -> "Origin":
+    def of(cls, url: str) -> Origin:
         return Target.parse(url).origin
 
 
@@ -72,7 +72,7 @@ class Target:
     url: str
 
     @classmethod
-    def parse(cls, url: str) -> "Target":
+    def parse(cls, url: str) -> Target:
         """Raises Refused for anything the client could read two ways."""
         if "\\" in url or any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
             raise Refused(f"refused {url!r}: a backslash or control character makes its host ambiguous")
@@ -155,7 +155,7 @@ def request(url: str, guard: Guard, *, timeout: float, max_bytes: int, method: s
     returned as is once ``max_redirects`` is 0; more redirects than that raise Refused."""
     deadline = time.monotonic() + timeout
     authorized = credentials is not None
-    for hop in range(max_redirects + 1):
+    for _hop in range(max_redirects + 1):
         target = Target.parse(url)
         authorized = authorized and target.origin == credentials[0]
         sent = {**(headers or {}), **(credentials[1] if authorized else {})}

@@ -73,7 +73,7 @@ class ImageFetcher:
         self.auth = LabelStudioAuth(timeout, self.allow_private)   # shared with this Label Studio's API client
 
     @classmethod
-    def from_settings(cls, settings) -> "ImageFetcher":
+    def from_settings(cls, settings) -> ImageFetcher:
         """The fetcher a backend or worker process builds from its settings (``backend.config.Settings``)."""
         hosts = split_hosts(settings["ALLOWED_HOSTS"])
         return cls(ls_url=settings["LABEL_STUDIO_URL"] or None, api_key=settings["LABEL_STUDIO_API_KEY"] or None,

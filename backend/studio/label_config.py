@@ -32,8 +32,9 @@ import hashlib
 import json
 import xml.etree.ElementTree as ElementTree
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal
 
 from backend.labeling.prompts import LabelSet, PromptDefaults, label_text
 

@@ -40,8 +40,8 @@ import html
 import json
 import math
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
 
 from backend.labeling.matching import Region, match_regions
 

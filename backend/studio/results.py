@@ -126,8 +126,8 @@ def _choices_items(control: Control, choices: tuple[Choice, ...]) -> list[dict]:
 def _item(control: Control, value: dict, score: float) -> dict:
     # ids derived from the content: the same image gives the same prediction, byte for byte (cache-friendly)
     content = json.dumps([control.name, value], sort_keys=True, default=float)
-    return {"id": hashlib.sha1(content.encode()).hexdigest()[:10], "from_name": control.name, "to_name": control.to_name,
-            "type": control.type, "value": value, "score": float(score)}
+    return {"id": hashlib.sha1(content.encode()).hexdigest()[:10], "from_name": control.name,
+            "to_name": control.to_name, "type": control.type, "value": value, "score": float(score)}
 
 
 def _declared(control: Control, label: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def annotation_items(data: dict) -> list[dict]:
             "annotation": {"id": id_of(annotation.get("id")), "result": _as_list(annotation.get("result")),
                            "was_cancelled": bool(annotation.get("was_cancelled")),
                            # one stamp for every job of this event, at most the time of receipt
-                           "updated_at": datetime.fromtimestamp(stamped, timezone.utc).isoformat(),
+                           "updated_at": datetime.fromtimestamp(stamped, UTC).isoformat(),
                            "prediction": {"result": snapshot.get("result")} if isinstance(snapshot, dict) else None},
             "task": {"id": id_of(task.get("id")), "data": _as_dict(task.get("data"))},
         })

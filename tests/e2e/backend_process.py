@@ -8,7 +8,8 @@
 It runs ``python -m backend serve --demo --host 127.0.0.1 --port <free>`` (waitress, one process, the bundled
 tiny models; ``demo=False`` for the models the environment names) from the repository root with the
 interpreter running the tests (the project venv), or ``python -m waitress backend.wsgi:app`` with
-``DEMO=true`` when ``wsgi=True``. stdout and stderr (the app's log) go to ``workdir/backend.log``. Learned state goes to ``workdir/model-state``
+``DEMO=true`` when ``wsgi=True``. stdout and stderr (the app's log) go to ``workdir/backend.log``. Learned
+state goes to ``workdir/model-state``
 (``MODEL_DIR``), so runs never share it. ``stop()`` signals only the process it started (by PID, then
 its own process group as a last resort).
 """
@@ -31,7 +32,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Settings that must not leak from the developer's shell into the backend under test.
 _SCRUB = ("LABEL_STUDIO_URL", "LABEL_STUDIO_API_KEY", "LOCAL_FILES_DOCUMENT_ROOT", "REDIS_URL", "BASIC_AUTH_USER",
-          "BASIC_AUTH_PASS", "MODEL_DIR", "DEMO", "ALLOWED_HOSTS", "ALLOW_PRIVATE_HOSTS", "PROFILE", "DETECTOR", "CLIP_MODEL")
+          "BASIC_AUTH_PASS", "MODEL_DIR", "DEMO", "ALLOWED_HOSTS", "ALLOW_PRIVATE_HOSTS", "PROFILE", "DETECTOR",
+          "CLIP_MODEL")
 
 
 class BackendError(RuntimeError):
@@ -105,7 +107,7 @@ class BackendProcess:
         env.update(self.extra_env)
         return env
 
-    def start(self) -> "BackendProcess":
+    def start(self) -> BackendProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
@@ -153,7 +155,7 @@ class BackendProcess:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def __enter__(self) -> "BackendProcess":
+    def __enter__(self) -> BackendProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

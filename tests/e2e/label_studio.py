@@ -29,9 +29,10 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import requests
 
@@ -208,7 +209,7 @@ class LabelStudio:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def start(self) -> "LabelStudio":
+    def start(self) -> LabelStudio:
         exe = self.ls_venv / "bin" / "label-studio"
         if not exe.is_file():
             raise LabelStudioError(f"{exe} not found: run `bash scripts/setup.sh` (or set LS_VENV)")
@@ -274,7 +275,7 @@ class LabelStudio:
             proc.kill()
             proc.wait(timeout=15)
 
-    def __enter__(self) -> "LabelStudio":
+    def __enter__(self) -> LabelStudio:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

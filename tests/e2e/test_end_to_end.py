@@ -349,7 +349,8 @@ def test_annotation_webhooks_reach_the_backend(label_studio, backend, flow):
     assert backend.log_lines(r'"POST /webhook HTTP/1\.[01]" 20[01]', since=mark), backend.log_tail()
 
 
-@pytest.mark.skipif(not LEARNING_MODULE.exists(), reason="backend/learning.py (learning from corrections) not there yet")
+@pytest.mark.skipif(not LEARNING_MODULE.exists(),
+                    reason="backend/learning.py (learning from corrections) not there yet")
 def test_predictions_for_remaining_tasks_improve_and_carry_new_version(
     label_studio, backend, demo_data, tmp_path_factory, e2e_timings
 ):

@@ -212,7 +212,8 @@ def test_bulk_preannotation_survives_a_killed_worker_and_a_killed_coordinator(
                                      else "(not run)"))
 
     # The connected backend reports the same version, so "Retrieve predictions" skips the predicted tasks.
-    backend = BackendProcess(tmp_path / "backend", env={"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": LEGACY_TOKEN,
+    backend = BackendProcess(tmp_path / "backend", env={"LABEL_STUDIO_URL": ls.url,
+                                                        "LABEL_STUDIO_API_KEY": LEGACY_TOKEN,
                                                         "ALLOW_PRIVATE_HOSTS": "127.0.0.1"})
     with backend:
         ls.connect_ml_backend(project, backend.url, title="clip")

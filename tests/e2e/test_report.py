@@ -128,7 +128,7 @@ def test_the_served_page_shows_the_same_counts_in_a_real_browser(annotated, tmp_
     page = f"{backend.url}/report/{project}"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'p'}"]
     dom = subprocess.run([chromium, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
-    for label, row in expected["regions"].items():
+    for label, _row in expected["regions"].items():
         assert f'data-label="{label}"' in dom
     assert dom.count("<svg") == len(expected["regions"]) and "estimated work saved" in dom
     shot = tmp_path / "report.png"
