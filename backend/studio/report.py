@@ -156,7 +156,7 @@ def build_report(project: int, config: ProjectConfig, tasks: Iterable[dict], rec
         predicted, final = prediction.get("result") or [], annotation.get("result") or []
         for control in config.controls:
             if control.type == "rectanglelabels":
-                _count_regions(report, _regions(predicted, control.name), _regions(final, control.name))
+                _count_regions(report, regions_of(predicted, control.name), regions_of(final, control.name))
             else:
                 _count_choices(report, _chosen(predicted, control.name), _chosen(final, control.name))
     return report
@@ -181,7 +181,8 @@ def _started_from(task: dict, annotation: dict) -> dict | None:
     return max(before or ours, key=lambda p: (str(p.get("created_at") or ""), p.get("id") or 0), default=None)
 
 
-def _regions(result: list, control: str) -> list[tuple[Region, float | None]]:
+def regions_of(result: list, control: str) -> list[tuple[Region, float | None]]:
+    """The boxes of one RectangleLabels control in a Label Studio result, in percent, with their scores."""
     out = []
     for item in result:
         if not isinstance(item, dict) or item.get("from_name") != control or item.get("type") != "rectanglelabels":
