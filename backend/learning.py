@@ -54,7 +54,7 @@ from .studio.api import LabelStudioAPI, LabelStudioAPIError
 from .studio.images import ImageFetcher, ImageFetchError
 from .studio.label_config import DEFAULT_MAX_LABELS, LabelConfigError, ProjectConfig, TaskDataError, parse_label_config
 from .studio.report import regions_of
-from .studio.results import regions_from_results
+from .studio.results import choices_from_results, regions_from_results
 from .studio.webhooks import annotation_ids, annotation_items, deleted_ids, id_of, label_config_of, project_id_of, stamp
 
 log = logging.getLogger(__name__)
@@ -409,7 +409,7 @@ class Learner:
                 for label, box in [(d.label, d.box) for d in drawn] + [(None, p.box) for p in gone]:
                     heads.append(control.name), labels.append(label), boxes.append(box)
             else:
-                for label in _choices(result, control):
+                for label in choices_from_results(result, control):
                     choice_heads.append(control.name), choice_labels.append(label)
         if not boxes and not choice_heads:
             return Examples((), (), torch.zeros(0, 0), task.get("id"), outcomes)
@@ -464,16 +464,5 @@ def _deleted(predicted, drawn) -> list:
         return list(predicted)
     ious = box_iou(torch.tensor([p.box for p in predicted]), torch.tensor([d.box for d in drawn]))
     return [p for p, best in zip(predicted, ious.max(1).values.tolist()) if best < DELETED_IOU]
-
-
-def _choices(result: list, control) -> list[str]:
-    """The labels chosen for one Choices control, those the config still has."""
-    known = set(control.labelset.labels)
-    chosen = []
-    for item in result:
-        if isinstance(item, dict) and item.get("from_name") == control.name and item.get("type") == "choices":
-            value = item.get("value") if isinstance(item.get("value"), dict) else {}
-            chosen += [c for c in value.get("choices") or [] if isinstance(c, str) and c in known]
-    return list(dict.fromkeys(chosen))
 
 

@@ -104,6 +104,17 @@ def regions_from_results(result: list[dict], control: Control) -> list[LabeledBo
     return regions
 
 
+def choices_from_results(result: list, control: Control) -> list[str]:
+    """The labels chosen for one Choices control in an annotation's result, those the config still has."""
+    known = set(control.labelset.labels)
+    chosen = []
+    for item in result:
+        if isinstance(item, dict) and item.get("from_name") == control.name and item.get("type") == "choices":
+            value = item.get("value") if isinstance(item.get("value"), dict) else {}
+            chosen += [c for c in value.get("choices") or [] if isinstance(c, str) and c in known]
+    return list(dict.fromkeys(chosen))
+
+
 def context_regions(context: dict | None) -> list[DrawnBox]:
     """The rectangles in an interactive request's ``params.context`` (``{"result": [...]}``); odd input → []."""
     result = context.get("result") if isinstance(context, dict) else None
