@@ -27,7 +27,6 @@ Events and what they do:
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -56,6 +55,7 @@ from .studio.label_config import DEFAULT_MAX_LABELS, LabelConfigError, ProjectCo
 from .studio.report import regions_of
 from .studio.results import choices_from_results, regions_from_results
 from .studio.webhooks import annotation_ids, annotation_items, deleted_ids, id_of, label_config_of, project_id_of, stamp
+from .versions import learned_version
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,8 @@ class Learning:
         memory = self.memory(project)
         if not memory.token:
             return Learned(base_version)
-        version = f"{base_version}-{hashlib.sha256(f'{base_version}:{memory.token}'.encode()).hexdigest()[:8]}"
-        return Learned(version, partial(self._adjust, memory) if memory else None, self._keep(memory))
+        adjust = partial(self._adjust, memory) if memory else None
+        return Learned(learned_version(base_version, memory.token), adjust, self._keep(memory))
 
     def _keep(self, memory: Memory) -> Keep | None:
         """Keep-probability from label probability, learned from the annotators' corrections (None: too few)."""

@@ -17,7 +17,6 @@ import torch
 from .budget import ByteBudget
 from .cache import build_feature_cache, has_parts, image_digest, merge
 from .config import Settings
-from .export import model_version as base_version
 from .labeling.decode import ImageDecodeError, decode_image, decoded_bytes
 from .labeling.detections import ImageLabels
 from .labeling.pipeline import ImageFeatures, Labeler, LogitAdjuster, needed_features
@@ -26,6 +25,7 @@ from .learning import Learned, Learning
 from .studio.images import ImageFetcher, ImageFetchError
 from .studio.label_config import DEFAULT_MAX_LABELS, ProjectConfig, TaskDataError, parse_label_config
 from .studio.results import context_regions, prediction_for_task
+from .versions import base_version
 
 log = logging.getLogger(__name__)
 CHUNK = 16  # images per pipeline call: CLIP batches across them, memory stays bounded
@@ -88,7 +88,7 @@ class ClipBackend:
 
     def _versioned(self, config: ProjectConfig, project) -> Learned:
         """The model version with the adjuster and score calibration of the project's state of that version."""
-        return self.learning.versioned(base_version(self.model_fingerprint, config), project)
+        return self.learning.versioned(base_version(self.model_fingerprint, config.fingerprint), project)
 
     def setup(self, label_config: str, project=None, hostname: str | None = None,
               access_token: str | None = None) -> dict:
