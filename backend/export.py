@@ -11,7 +11,6 @@ it is absolute or relative to the output. COCO and YOLO number the box labels by
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,12 +29,6 @@ def box_categories(config: ProjectConfig) -> list[str]:
     labels = (label for control in config.controls if control.type == "rectanglelabels"
               for label in control.labelset.labels)
     return list(dict.fromkeys(labels))
-
-
-def model_version(model_fingerprint: str, config: ProjectConfig) -> str:
-    """Changes exactly when what produces predictions changes: the models, the config's label sets."""
-    digest = hashlib.sha256(f"{model_fingerprint}:{config.fingerprint}".encode()).hexdigest()
-    return f"clip-{digest[:10]}"
 
 
 # ---------------------------------------------------------------- Label Studio

@@ -27,21 +27,24 @@ Events and what they do:
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import replace
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from functools import partial
 
+import numpy as np
 import torch
+from cachetools import LRUCache
 from torchvision.ops import box_iou
 
 from .jobs import InProcessJobs, RQJobs
 from .labeling.adapter import AdapterSettings, Examples, Memory, adjust_logits
+from .labeling.calibration import Calibrator
 from .labeling.decode import ImageDecodeError, decode_image
 from .labeling.factory import ModelSpec
+from .labeling.matching import match_regions
 from .labeling.pipeline import Labeler, LogitAdjuster
 from .labeling.prompts import LabelSet
 from .labeling.proposals import ProposalSettings
@@ -49,8 +52,10 @@ from .store import Change, Store, open_store
 from .studio.api import LabelStudioAPI, LabelStudioAPIError
 from .studio.images import ImageFetcher, ImageFetchError
 from .studio.label_config import DEFAULT_MAX_LABELS, LabelConfigError, ProjectConfig, TaskDataError, parse_label_config
-from .studio.results import regions_from_results
+from .studio.report import regions_of
+from .studio.results import choices_from_results, regions_from_results
 from .studio.webhooks import annotation_ids, annotation_items, deleted_ids, id_of, label_config_of, project_id_of, stamp
+from .versions import learned_version
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +65,17 @@ DELETED_IOU = 0.5        # a predicted box without an annotated box of at least 
 UNTRUSTED = ("unauthenticated webhook refused: without LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (to read what "
              "Label Studio really holds), learning needs URL_SECRET or Basic Auth")
 EMPTY = Memory()
+Keep = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Learned:
+    """What a project's stored state gives its next predictions: their model version, the logit adjuster (None:
+    zero-shot) and the keep-probability of a predicted box from its label probability (None: the raw one)."""
+
+    version: str
+    adjust: LogitAdjuster | None = None
+    keep: Keep | None = None
 
 
 def embedding_space(spec: ModelSpec) -> str:
@@ -86,6 +102,8 @@ class Learning:
         self.demo = demo
         self.adapter = adapter
         self._checked: set[int] = set()   # projects whose stored memory /setup has looked for
+        self._calibrators: LRUCache = LRUCache(64)   # memory token → its Calibrator
+        self._calibrators_lock = threading.Lock()
 
     @classmethod
     def for_backend(cls, settings, labeler: Labeler, fetcher: ImageFetcher, lock=None) -> Learning:
@@ -100,14 +118,27 @@ class Learning:
         return cls(store, jobs, space, labeler.clip, fetcher, settings.demo)
 
     # ------------------------------------------------------------------ predictions
-    def versioned(self, base_version: str, project) -> tuple[str, LogitAdjuster | None]:
-        """The model version for this project's stored memory, and the adjuster that applies that same memory
-        (None when it is empty): predictions made with it always carry the version of the state that made them."""
+    def versioned(self, base_version: str, project) -> Learned:
+        """The model version for this project's stored memory, with the adjuster and the score calibration of
+        that same state: predictions made with them always carry the version of the state that made them."""
         memory = self.memory(project)
         if not memory.token:
-            return base_version, None
-        version = f"{base_version}-{hashlib.sha256(f'{base_version}:{memory.token}'.encode()).hexdigest()[:8]}"
-        return version, partial(self._adjust, memory)
+            return Learned(base_version)
+        adjust = partial(self._adjust, memory) if memory else None
+        return Learned(learned_version(base_version, memory.token), adjust, self._keep(memory))
+
+    def _keep(self, memory: Memory) -> Keep | None:
+        """Keep-probability from label probability, learned from the annotators' corrections (None: too few)."""
+        with self._calibrators_lock:
+            calibrator = self._calibrators.get(memory.token)
+        if calibrator is None:
+            scores = np.array([[score] for score, _ in memory.outcomes], dtype=np.float64).reshape(-1, 1)
+            calibrator = Calibrator.fit(scores, np.array([kept for _, kept in memory.outcomes], dtype=np.float64))
+            with self._calibrators_lock:
+                self._calibrators[memory.token] = calibrator
+        if not calibrator.weights:
+            return None
+        return lambda probabilities: calibrator.predict(np.asarray(probabilities, dtype=np.float64).reshape(-1, 1))
 
     def memory(self, project) -> Memory:
         project_id = project_id_of(project)
@@ -369,17 +400,19 @@ class Learner:
         predicted = self._predicted(project, annotation, task)
         heads, labels, boxes = [], [], []
         choice_heads, choice_labels = [], []
+        outcomes = []
         for control in config.controls:
             if control.type == "rectanglelabels":
+                outcomes += _outcomes(predicted, result, control.name)
                 drawn = regions_from_results(result, control)
                 gone = _deleted(regions_from_results(predicted, control), drawn)
                 for label, box in [(d.label, d.box) for d in drawn] + [(None, p.box) for p in gone]:
                     heads.append(control.name), labels.append(label), boxes.append(box)
             else:
-                for label in _choices(result, control):
+                for label in choices_from_results(result, control):
                     choice_heads.append(control.name), choice_labels.append(label)
         if not boxes and not choice_heads:
-            return Examples((), (), torch.zeros(0, 0), task.get("id"))
+            return Examples((), (), torch.zeros(0, 0), task.get("id"), outcomes)
         image = self._image(config, task)
         height, width = image.shape[1:]
         parts = []
@@ -391,7 +424,8 @@ class Learner:
                 parts.append(self.labeler.embed_boxes([image], [tensor], self.labeler.crops)[0])
             if choice_heads:
                 parts.append(self.labeler.embed_whole([image]).expand(len(choice_heads), -1))
-        return Examples(tuple(heads + choice_heads), tuple(labels + choice_labels), torch.cat(parts), task.get("id"))
+        return Examples(tuple(heads + choice_heads), tuple(labels + choice_labels), torch.cat(parts), task.get("id"),
+                        outcomes)
 
     def _predicted(self, project: int, annotation: dict, task: dict) -> list:
         """What the annotator started from: LS's snapshot when it has one, else our own record for the task."""
@@ -408,8 +442,18 @@ class Learner:
 
 # ---------------------------------------------------------------------- helpers
 def _compact_item(item: dict) -> dict:
-    keep = ("from_name", "to_name", "type", "value", "original_width", "original_height", "image_rotation")
+    keep = ("id", "from_name", "to_name", "type", "value", "score", "original_width", "original_height",
+            "image_rotation")
     return {k: item[k] for k in keep if k in item}
+
+
+def _outcomes(predicted: list, annotated: list, control: str) -> list[tuple[float, bool]]:
+    """(predicted score, kept) for each predicted box with a score: kept = its object and label survived the
+    annotator (moved or resized counts as kept), what the calibrator learns from."""
+    before, after = regions_of(predicted, control), regions_of(annotated, control)
+    matches = match_regions([r for r, _ in before], [r for r, _ in after])
+    return [(before[m.predicted][1], m.accepted) for m in matches
+            if m.predicted is not None and before[m.predicted][1] is not None]
 
 
 def _deleted(predicted, drawn) -> list:
@@ -420,16 +464,5 @@ def _deleted(predicted, drawn) -> list:
         return list(predicted)
     ious = box_iou(torch.tensor([p.box for p in predicted]), torch.tensor([d.box for d in drawn]))
     return [p for p, best in zip(predicted, ious.max(1).values.tolist()) if best < DELETED_IOU]
-
-
-def _choices(result: list, control) -> list[str]:
-    """The labels chosen for one Choices control, those the config still has."""
-    known = set(control.labelset.labels)
-    chosen = []
-    for item in result:
-        if isinstance(item, dict) and item.get("from_name") == control.name and item.get("type") == "choices":
-            value = item.get("value") if isinstance(item.get("value"), dict) else {}
-            chosen += [c for c in value.get("choices") or [] if isinstance(c, str) and c in known]
-    return list(dict.fromkeys(chosen))
 
 

@@ -17,15 +17,15 @@ import torch
 from .budget import ByteBudget
 from .cache import build_feature_cache, has_parts, image_digest, merge
 from .config import Settings
-from .export import model_version as base_version
 from .labeling.decode import ImageDecodeError, decode_image, decoded_bytes
 from .labeling.detections import ImageLabels
 from .labeling.pipeline import ImageFeatures, Labeler, LogitAdjuster, needed_features
 from .labeling.prompts import LabelSet, PromptDefaults
-from .learning import Learning
+from .learning import Learned, Learning
 from .studio.images import ImageFetcher, ImageFetchError
 from .studio.label_config import DEFAULT_MAX_LABELS, ProjectConfig, TaskDataError, parse_label_config
 from .studio.results import context_regions, prediction_for_task
+from .versions import base_version
 
 log = logging.getLogger(__name__)
 CHUNK = 16  # images per pipeline call: CLIP batches across them, memory stays bounded
@@ -84,11 +84,11 @@ class ClipBackend:
     def model_version(self, config: ProjectConfig, project: str | int | None = None) -> str:
         """Changes exactly when what produces predictions changes: models, the config's label sets, the
         project's stored few-shot memory."""
-        return self._versioned(config, project)[0]
+        return self._versioned(config, project).version
 
-    def _versioned(self, config: ProjectConfig, project) -> tuple[str, LogitAdjuster | None]:
-        """The model version and the adjuster applying the project's memory of that same version."""
-        return self.learning.versioned(base_version(self.model_fingerprint, config), project)
+    def _versioned(self, config: ProjectConfig, project) -> Learned:
+        """The model version with the adjuster and score calibration of the project's state of that version."""
+        return self.learning.versioned(base_version(self.model_fingerprint, config.fingerprint), project)
 
     def setup(self, label_config: str, project=None, hostname: str | None = None,
               access_token: str | None = None) -> dict:
@@ -113,45 +113,46 @@ class ClipBackend:
     # ------------------------------------------------------------------ predict
     def predict(self, tasks: list[dict], label_config: str, project=None, context: dict | None = None) -> list[dict]:
         config = project_config(label_config, self.settings.prompt_defaults, self.settings["MAX_LABELS"])
-        version, adjust = self._versioned(config, project)
+        learned = self._versioned(config, project)
         regions = context_regions(context)
         if regions:
-            return [self._interactive(tasks[0], config, regions, version, adjust)]
+            return [self._interactive(tasks[0], config, regions, learned)]
         if len(tasks) > 1 and len(tasks) * self.seconds_per_image > self.settings["PREDICT_BUDGET_SECONDS"]:
             # One result for several tasks makes Label Studio ask again task by task, each with its own timeout.
             log.info("predict: %d tasks would take ~%.0f s (budget %.0f s): answering one so LS asks per task",
                      len(tasks), len(tasks) * self.seconds_per_image, self.settings["PREDICT_BUDGET_SECONDS"])
             tasks = tasks[:1]
-        return [result for result, _ in self._predict_tasks(tasks, config, version, adjust, project)]
+        return [result for result, _ in self._predict_tasks(tasks, config, learned, project)]
 
     def predict_each(self, tasks: list[dict], label_config: str,
                      project=None) -> tuple[str, list[tuple[dict, str | None]]]:
         """The bulk path (``backend.preannotate``): every task, no time budget. Returns the model version and,
         per task, its prediction and the reason it has none (None when it has one)."""
         config = project_config(label_config, self.settings.prompt_defaults, self.settings["MAX_LABELS"])
-        version, adjust = self._versioned(config, project)
-        return version, self._predict_tasks(tasks, config, version, adjust, project)
+        learned = self._versioned(config, project)
+        return learned.version, self._predict_tasks(tasks, config, learned, project)
 
-    def _predict_tasks(self, tasks: list[dict], config: ProjectConfig, version: str, adjust: LogitAdjuster | None,
+    def _predict_tasks(self, tasks: list[dict], config: ProjectConfig, learned: Learned,
                        project) -> list[tuple[dict, str | None]]:
         out = []
         for start in range(0, len(tasks), CHUNK):   # CHUNK images in memory at a time, however many tasks
-            out += self._predict_chunk(tasks[start:start + CHUNK], config, version, adjust, project)
+            out += self._predict_chunk(tasks[start:start + CHUNK], config, learned, project)
         return out
 
-    def _predict_chunk(self, tasks: list[dict], config: ProjectConfig, version: str, adjust: LogitAdjuster | None,
+    def _predict_chunk(self, tasks: list[dict], config: ProjectConfig, learned: Learned,
                        project) -> list[tuple[dict, str | None]]:
         started = time.perf_counter()
+        version = learned.version
         with self.image_memory.reservation() as reserve:   # decoded pixels held until the chunk is labelled
             images = self._load_images(tasks, config, cached=needed_features(config.labelsets), reserve=reserve)
-            labelled = self._label_each(images, config, adjust)
+            labelled = self._label_each(images, config, learned.adjust)
         out = []
         for n, image in enumerate(images):
             if n not in labelled:
                 log.warning("task %s: no prediction: %s", image.task_id, image.error)
                 out.append(({"result": [], "score": 0.0, "model_version": version}, image.error))
             else:
-                out.append((prediction_for_task(labelled[n], config, version), None))
+                out.append((prediction_for_task(labelled[n], config, version, learned.keep), None))
         self.learning.record_predictions(project, tasks, [result for result, _ in out])
         decoded = sum(i.pixels is not None for i in images)   # cache hits cost ~nothing: not in the estimate
         if decoded:
@@ -239,13 +240,12 @@ class ClipBackend:
                 out[n] = merge(out[n], features)
         return out
 
-    def _interactive(self, task: dict, config: ProjectConfig, regions, version: str,
-                     adjust: LogitAdjuster | None) -> dict:
+    def _interactive(self, task: dict, config: ProjectConfig, regions, learned: Learned) -> dict:
         """The annotator drew boxes: name them (and fill the whole-image choices)."""
         [image] = self._load_images([task], config)
         if image.pixels is None:
             log.warning("task %s: interactive prediction failed: %s", image.task_id, image.error)
-            return {"result": [], "score": 0.0, "model_version": version}
+            return {"result": [], "score": 0.0, "model_version": learned.version}
         height, width = image.pixels.shape[1:]
         by_control = {c.name: c for c in config.controls if c.type == "rectanglelabels"}
         fallback = next(iter(by_control.values()), None)
@@ -257,9 +257,9 @@ class ClipBackend:
                          if by_control.get(r.from_name, fallback) is control]
                 boxes = torch.tensor([b for b in boxes if b is not None], dtype=torch.float32).reshape(-1, 4)
                 named[control.name] = self.labeler.label_boxes(image.pixels, boxes, control.labelset, control.name,
-                                                               adjust)
-            choices = self.labeler.label([image.pixels], heads, adjust)[0].choices if heads else {}
-        return prediction_for_task(ImageLabels(width, height, named, choices), config, version)
+                                                               learned.adjust)
+            choices = self.labeler.label([image.pixels], heads, learned.adjust)[0].choices if heads else {}
+        return prediction_for_task(ImageLabels(width, height, named, choices), config, learned.version, learned.keep)
 
     # ------------------------------------------------------------------ fit
     def fit(self, event: str, data: dict, authenticated: bool = False) -> dict:

@@ -21,13 +21,14 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .config import Settings, split_list
-from .export import Labelled, box_categories, coco_detections, label_studio_tasks, model_version, write_yolo
+from .export import Labelled, box_categories, coco_detections, label_studio_tasks, write_yolo
 from .labeling.decode import ImageDecodeError, decode_image
 from .labeling.detections import ImageLabels
 from .labeling.factory import build_labeler, set_threads
 from .labeling.pipeline import Labeler
 from .labeling.prompts import LabelSet
 from .studio.label_config import Control, LabelConfigError, ProjectConfig, parse_label_config
+from .versions import base_version
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset((".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"))
@@ -70,7 +71,7 @@ def label_command(args) -> int:
     start = time.perf_counter()
     run = label_files(labeler, files, config.labelsets, settings["MAX_IMAGE_PIXELS"])
     seconds = time.perf_counter() - start
-    write_output(run.labelled, args.format, args.out, config, model_version(spec.fingerprint, config))
+    write_output(run.labelled, args.format, args.out, config, base_version(spec.fingerprint, config.fingerprint))
     skipped = f" ({len(run.skipped)} skipped)" if run.skipped else ""
     print(f"labelled {len(run.labelled)} images{skipped}, {run.regions} regions in {seconds:.1f} s "
           f"({len(run.labelled) / max(seconds, 1e-9):.1f} images/s)", file=sys.stderr)

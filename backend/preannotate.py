@@ -44,6 +44,9 @@ import time
 import uuid
 from pathlib import Path
 
+from redis.exceptions import LockError
+from redis.lock import Lock
+
 from .jobs import QUEUE_NAME as QUEUE  # learning jobs and bulk chunks share the queue
 from .jobs import WORKER_OPTIONS, rq_queue
 from .studio.api import LabelStudioAPI, LabelStudioAPIError
@@ -94,6 +97,7 @@ class RunState:
         base = f"{PREFIX}:{project}:{version}"
         self.done_key, self.failed_key = f"{base}:done", f"{base}:failed"
         self.attempted_key, self.jobs_key, self.lock_key = f"{base}:attempted", f"{base}:jobs", f"{base}:lock"
+        self._locks: dict[str, Lock] = {}
 
     # -- workers
     def done_among(self, ids: list[int]) -> set[int]:
@@ -134,12 +138,22 @@ class RunState:
             pipe.expire(key, STATE_TTL_S)
         pipe.execute()
 
+    def _lock(self, token: str) -> Lock:
+        """redis-py's lock on this run's key, as held by ``token`` (one per token: the token is its identity)."""
+        if token not in self._locks:
+            self._locks[token] = self.redis.lock(self.lock_key, timeout=LOCK_TTL_S, blocking=False,
+                                                 thread_local=False)
+        return self._locks[token]
+
     def acquire(self, token: str) -> bool:
-        return bool(self.redis.set(self.lock_key, token, nx=True, ex=LOCK_TTL_S)) or self.refresh(token)
+        return bool(self._lock(token).acquire(token=token)) or self.refresh(token)
 
     def refresh(self, token: str) -> bool:
         """Extend the lock if this run still holds it (one atomic step); False when another run took it."""
-        return bool(self.redis.eval(_EXTEND_IF_OURS, 1, self.lock_key, token, LOCK_TTL_S))
+        try:
+            return bool(self._lock(token).reacquire())
+        except LockError:   # never held by this token, or taken over since
+            return False
 
     def hold(self, token: str) -> None:
         if not self.refresh(token):
@@ -147,12 +161,10 @@ class RunState:
                            f"{LOCK_TTL_S} s) and another run took over; it stops here, the other one goes on")
 
     def release(self, token: str) -> None:
-        self.redis.eval(_DELETE_IF_OURS, 1, self.lock_key, token)
-
-
-_EXTEND_IF_OURS = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) end "
-                   "return 0")
-_DELETE_IF_OURS = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+        try:
+            self._lock(token).release()
+        except LockError:   # not ours (any more): nothing to release
+            pass
 
 
 class Coordinator:

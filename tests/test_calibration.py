@@ -62,3 +62,35 @@ def test_probabilities_near_one_do_not_make_the_fit_diverge():
     calibrator = Calibrator.fit(p[:, None], kept)
     assert abs(calibrator.weights[0]) < 5 and abs(calibrator.bias) < 5           # measured 0.70, -1.07
     assert expected_calibration_error(calibrator.predict(p[:, None]), kept) < 0.12  # measured 0.075 (raw 0.238)
+
+
+def test_the_learner_records_what_annotators_kept_and_the_server_calibrates_with_it(tmp_path):
+    """End to end inside the backend: outcomes of corrected predictions are stored with the annotation's record,
+    and the next predictions of that project score boxes with the calibrator learned from them."""
+    from backend.labeling.adapter import Examples
+    from backend.learning import Learning, _outcomes
+    from backend.store import Change, SqliteStore
+
+    def box(x, label, id_, score=None):
+        item = {"id": id_, "from_name": "label", "to_name": "image", "type": "rectanglelabels",
+                "value": {"x": x, "y": 10, "width": 10, "height": 10, "rectanglelabels": [label]}}
+        return item | ({"score": score} if score is not None else {})
+
+    predicted = [box(10, "star", "a", 0.9), box(40, "star", "b", 0.9), box(70, "circle", "c", 0.6)]
+    annotated = [box(10, "star", "a"), box(41, "circle", "b")]          # kept, relabelled, deleted
+    assert _outcomes(predicted, annotated, "label") == [(0.9, True), (0.9, False), (0.6, False)]
+
+    store = SqliteStore(tmp_path)
+    rng = np.random.default_rng(0)
+    changes = []
+    for n in range(20):   # 60 outcomes: a 0.9 is kept half of the time, a 0.3 never
+        outcomes = [(0.9, bool(rng.random() < 0.5)), (0.9, bool(rng.random() < 0.5)), (0.3, False)]
+        changes.append(Change(f"annotation:{n}", 1.0 + n, Examples((), (), np.zeros((0, 0)), n, outcomes).to_bytes(),
+                              n))
+    store.apply(7, "space", changes)
+    learning = Learning(store, jobs=None, space="space", clip=None)
+    learned = learning.versioned("clip-base", 7)
+    assert learned.version != "clip-base" and learned.adjust is None and learned.keep is not None
+    calibrated = learned.keep(np.array([0.9, 0.3]))
+    assert abs(calibrated[0] - 0.5) < 0.15 and calibrated[1] < 0.15    # what the corrections say, not 0.9 / 0.3
+    assert learning.versioned("clip-base", 8).keep is None              # another project: raw probabilities

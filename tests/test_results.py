@@ -37,8 +37,9 @@ def detections(*rows: tuple[float, float, float, float, float, str]) -> Detectio
     return Detections(np.array([row[:4] for row in rows]), np.array([row[4] for row in rows]), [r[5] for r in rows])
 
 
-def predict(regions=None, choices=None, width=WIDTH, height=HEIGHT) -> dict:
-    prediction = prediction_for_task(ImageLabels(width, height, regions or {}, choices or {}), PROJECT, "clip-v1")
+def predict(regions=None, choices=None, width=WIDTH, height=HEIGHT, keep=None) -> dict:
+    prediction = prediction_for_task(ImageLabels(width, height, regions or {}, choices or {}), PROJECT, "clip-v1",
+                                     keep)
     assert VALIDATOR.validate_prediction(prediction, return_errors=True) == []
     json.dumps(prediction)                  # plain JSON types only, no numpy scalars
     return prediction
@@ -92,7 +93,19 @@ def test_several_controls_and_images_in_one_prediction():
     assert [(item["from_name"], item["to_name"]) for item in prediction["result"]] == [
         ("insects", "photo"), ("insects", "photo"), ("parts", "detail"), ("scene", "photo"), ("tags", "photo")]
     assert len({item["id"] for item in prediction["result"]}) == 5
-    assert prediction["score"] == pytest.approx((0.8 + 0.6 + 0.5 + 0.7 + 0.9) / 5)
+    assert prediction["score"] == pytest.approx(0.8 * 0.6 * 0.5)   # the chance no box needs a correction
+
+
+def test_a_calibration_becomes_the_box_scores_and_the_task_score():
+    def keep(probabilities):   # a calibration that halves every probability
+        return probabilities / 2
+
+    found = {"insects": detections((0, 0, 64, 48, 0.8, "Bee"), (64, 48, 128, 96, 0.6, "Wasp"))}
+    prediction = predict(found, keep=keep)
+    assert [item["score"] for item in prediction["result"]] == pytest.approx([0.4, 0.3])
+    assert prediction["score"] == pytest.approx(0.4 * 0.3)
+    choices_only = predict(choices={"scene": (Choice("Outdoor", 0.7),)}, keep=keep)
+    assert choices_only["score"] == pytest.approx(0.7)   # choices are not boxes: their own probability
 
 
 def test_a_single_choice_keeps_the_best_one():

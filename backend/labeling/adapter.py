@@ -68,10 +68,12 @@ class Examples:
     labels: tuple[str | None, ...]
     embeddings: torch.Tensor            # (N, D) unit length; stored as float16
     task: int | None = None
+    outcomes: tuple[tuple[float, bool], ...] = ()   # (predicted score, kept by the annotator) per predicted box
 
     def __post_init__(self):
         object.__setattr__(self, "heads", tuple(self.heads))
         object.__setattr__(self, "labels", tuple(self.labels))
+        object.__setattr__(self, "outcomes", tuple((float(s), bool(k)) for s, k in self.outcomes))
         embeddings = torch.as_tensor(self.embeddings).detach().float().cpu()
         if embeddings.numel() == 0:
             embeddings = torch.zeros(0, embeddings.shape[-1] if embeddings.dim() == 2 else 0)
@@ -87,7 +89,8 @@ class Examples:
     def to_bytes(self) -> bytes:
         """A compact, pickle-free encoding: a JSON header, then float16 rows."""
         header = json.dumps({"task": self.task, "heads": list(self.heads), "labels": list(self.labels),
-                             "dim": int(self.embeddings.shape[1]) if len(self) else 0}).encode()
+                             "dim": int(self.embeddings.shape[1]) if len(self) else 0,
+                             "outcomes": [list(o) for o in self.outcomes]}).encode()
         rows = self.embeddings.to(torch.float16).numpy().tobytes() if len(self) else b""
         return MAGIC + struct.pack("<I", len(header)) + header + rows
 
@@ -101,7 +104,8 @@ class Examples:
         rows = data[8 + size:]
         embeddings = (torch.frombuffer(bytearray(rows), dtype=torch.float16).float().reshape(-1, dim)
                       if dim else torch.zeros(0, 0))
-        return cls(tuple(header["heads"]), tuple(header["labels"]), embeddings, header.get("task"))
+        outcomes = tuple((float(s), bool(k)) for s, k in header.get("outcomes") or ())
+        return cls(tuple(header["heads"]), tuple(header["labels"]), embeddings, header.get("task"), outcomes)
 
 
 @dataclass(frozen=True)
@@ -135,21 +139,26 @@ class Memory:
     heads: dict[str, HeadIndex] = field(default_factory=dict)
     token: str = ""
     size: int = 0
+    outcomes: tuple[tuple[float, bool], ...] = ()   # every annotation's (predicted score, kept): the calibration
     _fitted: dict = field(default_factory=dict, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def build(cls, examples: Iterable[Examples]) -> Memory:
         rows: dict[str, tuple[list[torch.Tensor], list[str | None], list[int]]] = {}
-        size = 0
+        size, outcomes = 0, []
         for group, ex in enumerate(examples):
+            outcomes += ex.outcomes
             for i, head in enumerate(ex.heads):
                 keys, labels, groups = rows.setdefault(head, ([], [], []))
                 keys.append(ex.embeddings[i]), labels.append(ex.labels[i]), groups.append(group)
                 size += 1
         heads = {head: HeadIndex(torch.stack(keys).float(), tuple(labels), torch.tensor(groups))
                  for head, (keys, labels, groups) in rows.items()}
-        return cls(heads, _digest(heads) if size else "", size)
+        token = _digest(heads) if size else ""
+        if outcomes:   # the outcomes shape the scores: a new one is a new state
+            token = hashlib.sha256(f"{token}:{outcomes}".encode()).hexdigest()[:16]
+        return cls(heads, token, size, tuple(outcomes))
 
     def __len__(self) -> int:
         return self.size

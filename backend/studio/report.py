@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from backend.labeling.matching import Region, match_regions
 
 from .label_config import ProjectConfig, parse_label_config
+from .results import choices_from_results
 
 PREDICTED_BY = "clip-"   # model versions of this backend start with it
 COSTS = {"draw": 7.0, "label": 2.0, "adjust": 3.0, "delete": 1.5, "review": 1.0}   # seconds per action
@@ -156,9 +157,10 @@ def build_report(project: int, config: ProjectConfig, tasks: Iterable[dict], rec
         predicted, final = prediction.get("result") or [], annotation.get("result") or []
         for control in config.controls:
             if control.type == "rectanglelabels":
-                _count_regions(report, _regions(predicted, control.name), _regions(final, control.name))
+                _count_regions(report, regions_of(predicted, control.name), regions_of(final, control.name))
             else:
-                _count_choices(report, _chosen(predicted, control.name), _chosen(final, control.name))
+                _count_choices(report, set(choices_from_results(predicted, control)),
+                               set(choices_from_results(final, control)))
     return report
 
 
@@ -181,7 +183,8 @@ def _started_from(task: dict, annotation: dict) -> dict | None:
     return max(before or ours, key=lambda p: (str(p.get("created_at") or ""), p.get("id") or 0), default=None)
 
 
-def _regions(result: list, control: str) -> list[tuple[Region, float | None]]:
+def regions_of(result: list, control: str) -> list[tuple[Region, float | None]]:
+    """The boxes of one RectangleLabels control in a Label Studio result, in percent, with their scores."""
     out = []
     for item in result:
         if not isinstance(item, dict) or item.get("from_name") != control or item.get("type") != "rectanglelabels":
@@ -201,15 +204,6 @@ def _regions(result: list, control: str) -> list[tuple[Region, float | None]]:
         out.append((Region((x, y, x + w, y + h), labels[0], region_id),
                     float(score) if isinstance(score, (int, float)) and math.isfinite(score) else None))
     return out
-
-
-def _chosen(result: list, control: str) -> set[str]:
-    chosen = set()
-    for item in result:
-        if isinstance(item, dict) and item.get("from_name") == control and item.get("type") == "choices":
-            value = item.get("value") if isinstance(item.get("value"), dict) else {}
-            chosen.update(c for c in value.get("choices") or [] if isinstance(c, str))
-    return chosen
 
 
 def _count_regions(report: Report, predicted: list, annotated: list) -> None:

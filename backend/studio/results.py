@@ -20,8 +20,11 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import NamedTuple
+
+import numpy as np
 
 from backend.labeling.detections import Choice, Detections, ImageLabels
 
@@ -60,20 +63,29 @@ class DrawnBox:
         return _clipped((min(xs), min(ys), max(xs), max(ys)), width, height)
 
 
-def prediction_for_task(labels: ImageLabels, config: ProjectConfig, model_version: str) -> dict:
+def prediction_for_task(labels: ImageLabels, config: ProjectConfig, model_version: str,
+                        keep: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """One task's prediction in Label Studio's format, with only labels the config declares.
 
-    Its ``score`` is the mean of its items' scores, 0.0 when nothing was found: uncertainty sampling in
-    Label Studio orders tasks by it, so the least certain (and empty) tasks come first.
+    ``keep``: a box's label probability → the probability that an annotator keeps it (the project's calibration;
+    None: the label probability itself), which becomes the box's ``score``. The task's ``score`` is the chance
+    that no box needs a correction (the product of its boxes' scores), else the mean of its choices' scores, 0.0
+    when nothing was found: Label Studio sorts tasks by it, so those that need work come first.
     """
     items = []
     for control in config.controls:
         if control.type == "rectanglelabels":
             detections = labels.regions.get(control.name, Detections.empty())
+            if keep is not None and len(detections):
+                detections = replace(detections, scores=keep(detections.scores))
             items += _rectangle_items(control, detections, labels.width, labels.height)
         else:
             items += _choices_items(control, labels.choices.get(control.name, ()))
-    score = sum(item["score"] for item in items) / len(items) if items else 0.0
+    boxes = [item["score"] for item in items if item["type"] == "rectanglelabels"]
+    if boxes:
+        score = math.prod(boxes)
+    else:
+        score = sum(item["score"] for item in items) / len(items) if items else 0.0
     return {"result": items, "score": score, "model_version": model_version}
 
 
@@ -90,6 +102,17 @@ def regions_from_results(result: list[dict], control: Control) -> list[LabeledBo
         if drawn.from_name == control.name and box:
             regions += [LabeledBox(label, box) for label in drawn.labels if label in known]
     return regions
+
+
+def choices_from_results(result: list, control: Control) -> list[str]:
+    """The labels chosen for one Choices control in an annotation's result, those the config still has."""
+    known = set(control.labelset.labels)
+    chosen = []
+    for item in result:
+        if isinstance(item, dict) and item.get("from_name") == control.name and item.get("type") == "choices":
+            value = item.get("value") if isinstance(item.get("value"), dict) else {}
+            chosen += [c for c in value.get("choices") or [] if isinstance(c, str) and c in known]
+    return list(dict.fromkeys(chosen))
 
 
 def context_regions(context: dict | None) -> list[DrawnBox]:

@@ -1,0 +1,27 @@
+"""Model versions: the one formula, so every path (server, bulk workers, the label CLI) names the same state alike.
+
+A version changes exactly when what produces predictions changes: the models (their fingerprint: weights,
+detector, proposal, crop and precision settings), the project's label sets, and the project's learned state.
+
+>>> base = base_version("0123456789ab", "cafe00112233")
+>>> base
+'clip-84cc4e60a9'
+>>> learned_version(base, "") == base, learned_version(base, "memory-token")
+(True, 'clip-84cc4e60a9-b5283b4d')
+"""
+from __future__ import annotations
+
+import hashlib
+
+
+def base_version(model_fingerprint: str, config_fingerprint: str) -> str:
+    """The models and the project's label config: what zero-shot predictions depend on."""
+    digest = hashlib.sha256(f"{model_fingerprint}:{config_fingerprint}".encode()).hexdigest()
+    return f"clip-{digest[:10]}"
+
+
+def learned_version(base: str, memory_token: str) -> str:
+    """``base`` plus the project's stored learned state (none: ``base`` itself)."""
+    if not memory_token:
+        return base
+    return f"{base}-{hashlib.sha256(f'{base}:{memory_token}'.encode()).hexdigest()[:8]}"
