@@ -7,15 +7,19 @@ Torch eager at fp32, bf16 with weights converted once (what ``PRECISION=bf16`` r
 ``torch.autocast`` and dynamic int8 Linear layers, interleaved in one run on the same inputs and weights (ViT-B/32
 and R50-FPN v2 with random weights when the real ones are absent: speed does not depend on weight values).
 Agreement: mean cosine with fp32's outputs, centred on fp32's mean (random weights map every input near one
-direction, which would make the plain cosine ~1 whatever the variant does). onnxruntime and OpenVINO rows appear
-only where they are installed (they are not dependencies; see README, Speed).
+direction, which would make the plain cosine ~1 whatever the variant does). Then onnxruntime (fp32 and dynamic
+int8, from a TorchScript ONNX export) and OpenVINO (converted from the torch module, compiled at f32 and bf16),
+where they are installed (``requirements-test.txt`` installs both; they are not runtime dependencies). A
+conversion that fails prints its reason as the row.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,13 +44,61 @@ class Autocast(nn.Module):
             return self.inner(x)
 
 
-def variants(part: nn.Module, channels_last: bool) -> dict[str, nn.Module]:
+class OnnxRuntime:
+    """``part`` exported to ONNX (TorchScript exporter) and run by onnxruntime on the CPU; ``int8``: its weights
+    dynamically quantised by onnxruntime's own tool."""
+
+    def __init__(self, part: nn.Module, example: torch.Tensor, workdir: Path, int8: bool = False):
+        import onnxruntime as ort
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        path = workdir / f"part{id(self)}.onnx"
+        torch.onnx.export(part, (example,), str(path), dynamo=False, opset_version=17)
+        if int8:
+            quantize_dynamic(str(path), str(path.with_suffix(".int8.onnx")), weight_type=QuantType.QInt8)
+            path = path.with_suffix(".int8.onnx")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feed = {self.session.get_inputs()[0].name: x.numpy()}
+        return [torch.from_numpy(out) for out in self.session.run(None, feed)]
+
+
+class OpenVINO:
+    """``part`` converted by OpenVINO straight from the torch module, compiled for the CPU at ``precision``."""
+
+    def __init__(self, part: nn.Module, example: torch.Tensor, precision: str):
+        import openvino as ov
+
+        model = ov.convert_model(part, example_input=example)
+        core = ov.Core()
+        core.set_property("CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads()})
+        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.from_numpy(out) for out in self.compiled(x.numpy()).values()]
+
+
+def variants(part: nn.Module, channels_last: bool, example: torch.Tensor, workdir: Path) -> dict[str, object]:
     out = {"torch fp32": part,
            "torch bf16 (weights converted)": LowPrecision(copy.deepcopy(part), torch.bfloat16, channels_last),
            "torch bf16 autocast": Autocast(part)}
     if any(isinstance(m, nn.Linear) for m in part.modules()):
         out["torch int8 dynamic"] = torch.ao.quantization.quantize_dynamic(copy.deepcopy(part), {nn.Linear},
                                                                            dtype=torch.qint8)
+    others = {"onnxruntime fp32": lambda: OnnxRuntime(part, example, workdir),
+              "onnxruntime int8 dynamic": lambda: OnnxRuntime(part, example, workdir, int8=True),
+              "openvino f32": lambda: OpenVINO(part, example, "f32"),
+              "openvino bf16": lambda: OpenVINO(part, example, "bf16")}
+    for key, make in others.items():
+        try:
+            out[key] = make()
+        except ImportError:
+            pass            # not installed: no row
+        except Exception as error:  # noqa: BLE001 - a conversion that fails is a result: its row says why
+            out[key] = f"conversion failed: {type(error).__name__}: {str(error).splitlines()[0][:80]}"
     return out
 
 
@@ -79,8 +131,11 @@ class Tower(nn.Module):
         return self.projection(out.pooler_output)
 
 
-def measure(name: str, part: nn.Module, example: torch.Tensor, rounds: int, channels_last: bool) -> None:
-    runs = variants(part, channels_last)
+def measure(name: str, part: nn.Module, example: torch.Tensor, rounds: int, channels_last: bool,
+            workdir: Path) -> None:
+    runs = variants(part, channels_last, example, workdir)
+    failed = {k: v for k, v in runs.items() if isinstance(v, str)}
+    runs = {k: v for k, v in runs.items() if k not in failed}
     seconds = {k: [] for k in runs}
     outputs = {}
     with torch.inference_mode():
@@ -96,6 +151,8 @@ def measure(name: str, part: nn.Module, example: torch.Tensor, rounds: int, chan
         s = statistics.median(seconds[key])
         cosine = centred_cosine(outputs["torch fp32"], outputs[key])
         print(f"| {name} | {key} | {s * 1000:.0f} | {base / s:.2f}x | {cosine:.4f} |", flush=True)
+    for key, reason in failed.items():
+        print(f"| {name} | {key} | {reason} | | |", flush=True)
 
 
 def main() -> None:
@@ -116,15 +173,15 @@ def main() -> None:
     pixels = torch.rand(1, 3, 160, 160) if args.tiny else torch.rand(1, 3, 800, 1088)
     print(f"models: {described}; {torch.get_num_threads()} threads, median of {args.rounds} rounds\n")
     print("| part | runtime, precision | ms | vs torch fp32 | centred cosine with fp32 |\n|---|---|---|---|---|")
-    measure(f"CLIP image tower, {len(crops)} crops", Tower(clip.model, True), crops, args.rounds, False)
-    measure(f"CLIP text tower, {len(tokens)} prompts", Tower(clip.model, False), tokens, args.rounds, False)
-    measure(f"detector backbone, {pixels.shape[-1]}x{pixels.shape[-2]}", detector.backbone, pixels, args.rounds, True)
-    for runtime in ("onnxruntime", "openvino"):
-        try:
-            __import__(runtime)
-        except ImportError:
-            print(f"{runtime}: not installed here, not measured")
-    print("runtimes compared: torch eager fp32 / bf16 / bf16 autocast / int8")
+    with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as tmp:
+        workdir = Path(tmp)
+        measure(f"CLIP image tower, {len(crops)} crops", Tower(clip.model, True), crops, args.rounds, False, workdir)
+        measure(f"CLIP text tower, {len(tokens)} prompts", Tower(clip.model, False), tokens, args.rounds, False,
+                workdir)
+        measure(f"detector backbone, {pixels.shape[-1]}x{pixels.shape[-2]}", detector.backbone, pixels,
+                args.rounds, True, workdir)
+    installed = [r for r in ("onnxruntime", "openvino") if importlib.util.find_spec(r)]
+    print(f"runtimes compared: torch eager fp32 / bf16 / bf16 autocast / int8{''.join(' / ' + r for r in installed)}")
 
 
 if __name__ == "__main__":

@@ -48,3 +48,5 @@ def test_runtimes_bench_prints_the_table():
     lines = run_bench("runtimes.py", "--tiny")
     rows = [line for line in lines if re.fullmatch(r"\| .+ \| torch .+ \| \d+ \| \d+\.\d\dx \| -?[01]\.\d{4} \|", line)]
     assert len(rows) == 11, lines   # 4 variants per CLIP tower, 3 for the detector's backbone (no Linear layers)
+    for runtime in ("onnxruntime", "openvino"):   # installed by requirements-test.txt: two rows per part each
+        assert sum(f"| {runtime} " in line for line in lines) == 6, lines
