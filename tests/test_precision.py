@@ -1,9 +1,10 @@
 """PRECISION variants keep the labels: on held-out shapes-world scenes with the bundled tiny models, each variant's
 box recall, precision and label accuracy against fp32's, and how many of fp32's boxes keep their label.
 
-Measured (seed 3000, 80 known-shape scenes, 2-core AVX512-BF16/AMX CPU): fp32 recall .973 precision 1.000
-labels .929; bf16 recall .977 precision 1.000 labels .925, 99.6 % of boxes with fp32's label; int8 .973 / 1.000 /
-.921, 99.2 %. The tiny CLIP flips borderline crops when a box moves by a pixel, so one box is 0.4 points here.
+Measured (seed 3000, 300 known-shape scenes, 959 objects, 2-core AVX512-BF16/AMX CPU): fp32 recall .9739
+precision .9979 labels .9358; bf16 differs by +0.10 / 0.00 / +0.01 points, 99.6 % of boxes with fp32's label;
+int8 by 0.00 / 0.00 / -0.43 points, 99.3 %. The issue's bar, 0.5 points, is asserted as it is: on 80 scenes one
+box was 0.4 points (the tiny CLIP flips borderline crops when a box moves by a pixel), on 300 it is 0.1.
 """
 import pytest
 import torch
@@ -16,13 +17,13 @@ from backend.labeling.prompts import LabelSet
 from backend.labeling.runtime import cpu_has_bf16, resolve_precision
 
 KNOWN = LabelSet.build(KNOWN_SHAPES)
-LABEL_MARGIN = 0.02    # label accuracy within 2 points of fp32 (measured: within 0.8)
+MARGIN = 0.005         # recall, precision and label accuracy within 0.5 points of fp32 (measured: within 0.43)
 SAME_LABEL = 0.98      # share of fp32's boxes found with the same label (measured: >= 0.992; the issue's bar)
 
 
 @pytest.fixture(scope="module")
 def held_out():
-    return list(scenes(3000, 80, shapes=KNOWN_SHAPES))
+    return list(scenes(3000, 300, shapes=KNOWN_SHAPES))
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +63,9 @@ def test_variant_keeps_the_labels(precision, device, held_out, fp32):
     print(f"{precision}: recall {score.recall:.3f} precision {score.precision:.3f} labels "
           f"{score.label_accuracy:.3f} (fp32 {reference.recall:.3f} {reference.precision:.3f} "
           f"{reference.label_accuracy:.3f}); same label {share:.3f}")
-    assert abs(score.recall - reference.recall) <= 0.01   # measured: 0.004 (one box)
-    assert abs(score.precision - reference.precision) <= 0.005
-    assert abs(score.label_accuracy - reference.label_accuracy) <= LABEL_MARGIN
+    assert abs(score.recall - reference.recall) <= MARGIN
+    assert abs(score.precision - reference.precision) <= MARGIN
+    assert abs(score.label_accuracy - reference.label_accuracy) <= MARGIN
     assert share >= SAME_LABEL
 
 
