@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             from pathlib import Path
 
             from .demo.train_tiny import train_all
-            from .labeling.factory import TINY_DIR
+            from .labeling.specs import TINY_DIR
             train_all(Path(args.out) if args.out else TINY_DIR)
             return 0
         if args.command == "preannotate":

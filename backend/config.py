@@ -9,12 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .labeling.clip import pick_device
-from .labeling.crops import CropSettings
-from .labeling.factory import ModelSpec, tiny_spec
 from .labeling.prompts import DEFAULT_BACKGROUND, DEFAULT_TEMPLATE, PromptDefaults
-from .labeling.proposals import ProposalSettings
-from .labeling.runtime import resolve_precision
+from .labeling.specs import CropSettings, ModelSpec, ProposalSettings, resolve_precision, tiny_spec
 
 # (name, type, default, help). Defaults reproduce the method's recipe; `--demo` swaps in the tiny models.
 SETTINGS: tuple[tuple[str, type, Any, str], ...] = (
@@ -102,8 +98,9 @@ class Settings:
             values.update(CPU_PROFILE)
         elif values["PROFILE"] not in ("default", "cpu"):
             raise SettingsError(f"PROFILE={values['PROFILE']!r}: use `default` or `cpu`")
-        try:
-            resolve_precision(values["PRECISION"], pick_device(values["DEVICE"]))
+        try:   # `auto` always resolves (and resolving it would load torch to look for a GPU)
+            if values["PRECISION"] != "auto":
+                resolve_precision(values["PRECISION"], values["DEVICE"])
         except ValueError as error:
             raise SettingsError(str(error)) from None
         if values["LABEL_STUDIO_API_KEY"] and not values["LABEL_STUDIO_URL"]:

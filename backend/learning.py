@@ -43,11 +43,11 @@ from .jobs import InProcessJobs, RQJobs
 from .labeling.adapter import AdapterSettings, Examples, Memory, adjust_logits
 from .labeling.calibration import Calibrator
 from .labeling.decode import ImageDecodeError, decode_image
-from .labeling.factory import ModelSpec
 from .labeling.matching import match_regions
 from .labeling.pipeline import Labeler, LogitAdjuster
 from .labeling.prompts import LabelSet
 from .labeling.proposals import ProposalSettings
+from .labeling.specs import ModelSpec
 from .store import Change, Store, open_store
 from .studio.api import LabelStudioAPI, LabelStudioAPIError
 from .studio.images import ImageFetcher, ImageFetchError

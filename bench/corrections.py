@@ -36,9 +36,10 @@ from backend.demo.scoring import MatchScore, scene_tensor  # noqa: E402
 from backend.demo.shapes import KNOWN_SHAPES, NOVEL_SHAPES, SHAPES, scenes  # noqa: E402
 from backend.labeling.adapter import AdapterSettings, Examples, Memory, adjust_logits  # noqa: E402
 from backend.labeling.calibration import Calibrator, expected_calibration_error, task_score  # noqa: E402
-from backend.labeling.factory import build_labeler, tiny_spec  # noqa: E402
+from backend.labeling.factory import build_labeler  # noqa: E402
 from backend.labeling.matching import Region, match_regions  # noqa: E402
 from backend.labeling.prompts import LabelSet  # noqa: E402
+from backend.labeling.specs import tiny_spec  # noqa: E402
 
 HEAD = "label"
 SHOTS = (1, 4, 16)

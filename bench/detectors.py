@@ -28,9 +28,12 @@ from backend.demo.shapes import SHAPES, scenes  # noqa: E402
 from backend.labeling.detections import Detections  # noqa: E402
 from backend.labeling.detectors import DETECTORS, load_detector  # noqa: E402
 from backend.labeling.errors import ModelUnavailable  # noqa: E402
-from backend.labeling.factory import TINY_DIR  # noqa: E402
 from backend.labeling.proposals import ProposalSettings, Proposer  # noqa: E402
-from backend.labeling.runtime import apply_to_detector, resolve_precision  # noqa: E402
+from backend.labeling.runtime import apply_to_detector  # noqa: E402
+from backend.labeling.specs import (
+    TINY_DIR,  # noqa: E402
+    resolve_precision,  # noqa: E402
+)
 
 DEFAULT = resolve_precision("auto", torch.device("cpu"))
 # (detector, input short side, precision)

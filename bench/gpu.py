@@ -24,7 +24,7 @@ from backend.demo.shapes import SHAPES  # noqa: E402
 from backend.labeling.crops import crop_regions, cut_crops  # noqa: E402
 from backend.labeling.decode import decode_image  # noqa: E402
 from backend.labeling.prompts import LabelSet  # noqa: E402
-from backend.labeling.runtime import resolve_precision  # noqa: E402
+from backend.labeling.specs import resolve_precision  # noqa: E402
 
 
 def main() -> None:

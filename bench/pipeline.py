@@ -43,11 +43,14 @@ from backend.labeling.crops import CropSettings, crop_regions, cut_crops  # noqa
 from backend.labeling.decode import decode_image  # noqa: E402
 from backend.labeling.detectors import load_detector  # noqa: E402
 from backend.labeling.errors import ModelUnavailable  # noqa: E402
-from backend.labeling.factory import TINY_DIR  # noqa: E402
 from backend.labeling.pipeline import Labeler  # noqa: E402
 from backend.labeling.prompts import LabelSet  # noqa: E402
 from backend.labeling.proposals import ProposalSettings, Proposer  # noqa: E402
-from backend.labeling.runtime import apply_to_clip, apply_to_detector, resolve_precision  # noqa: E402
+from backend.labeling.runtime import apply_to_clip, apply_to_detector  # noqa: E402
+from backend.labeling.specs import (
+    TINY_DIR,  # noqa: E402
+    resolve_precision,  # noqa: E402
+)
 
 WIDTH, HEIGHT = 800, 600
 # the detectors' own default score threshold: random weights score every SSD anchor ~1/91, and 0.0 would send

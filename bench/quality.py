@@ -19,9 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backend.demo.scoring import score_scenes  # noqa: E402
 from backend.demo.shapes import KNOWN_SHAPES, NOVEL_SHAPES, SHAPES, scenes  # noqa: E402
 from backend.labeling.crops import CropSettings  # noqa: E402
-from backend.labeling.factory import build_labeler, tiny_spec  # noqa: E402
+from backend.labeling.factory import build_labeler  # noqa: E402
 from backend.labeling.prompts import LabelSet  # noqa: E402
 from backend.labeling.proposals import ProposalSettings, Proposer  # noqa: E402
+from backend.labeling.specs import tiny_spec  # noqa: E402
 
 ENSEMBLE = ("a photo of a {}.", "a {}", "{}", "a photo of a {} on a background")
 

@@ -73,3 +73,11 @@ def test_the_contract_checker_sees_a_relative_import():
     graph = import_graph()
     assert "backend.labeling.clip" in graph["backend.labeling.pipeline"]       # `from .clip import Clip`
     assert "backend.studio.label_config" in graph["backend.studio.results"]
+
+
+def test_the_settings_load_no_torch():
+    """The settings, the model spec and its version fingerprint are plain data: reading them loads no ML library."""
+    code = ("import sys; from backend.config import Settings; s = Settings.from_env({'PROFILE': 'cpu'}); "
+            "s.model_spec(); print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert loaded.stdout == "[]\n"

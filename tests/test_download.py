@@ -15,7 +15,7 @@ import pytest
 from fake_hub import COMMIT, FakeHub
 
 from backend.demo.shapes import scenes
-from backend.labeling.factory import TINY_DIR
+from backend.labeling.specs import TINY_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO = "fake-org/tiny-clip"

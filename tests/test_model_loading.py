@@ -13,7 +13,7 @@ from backend.demo.train_tiny import Recipe, train_all
 from backend.labeling.clip import Clip
 from backend.labeling.detectors import load_detector
 from backend.labeling.errors import ModelUnavailable
-from backend.labeling.factory import TINY_DIR
+from backend.labeling.specs import TINY_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,10 +11,11 @@ import torch
 
 from backend.demo.scoring import scene_tensor, score_scenes
 from backend.demo.shapes import KNOWN_SHAPES, NOVEL_SHAPES, SHAPES, scenes
-from backend.labeling.factory import build_labeler, tiny_spec
+from backend.labeling.factory import build_labeler
 from backend.labeling.pipeline import Labeler
 from backend.labeling.prompts import LabelSet
 from backend.labeling.proposals import ProposalSettings, Proposer
+from backend.labeling.specs import tiny_spec
 
 HELD_OUT = 2000
 KNOWN = LabelSet.build(KNOWN_SHAPES)

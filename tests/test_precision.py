@@ -12,9 +12,9 @@ from torchvision.ops import box_iou
 
 from backend.demo.scoring import scene_tensor, score_scenes
 from backend.demo.shapes import KNOWN_SHAPES, scenes
-from backend.labeling.factory import build_labeler, tiny_spec
+from backend.labeling.factory import build_labeler
 from backend.labeling.prompts import LabelSet
-from backend.labeling.runtime import cpu_has_bf16, resolve_precision
+from backend.labeling.specs import cpu_has_bf16, resolve_precision, tiny_spec
 
 KNOWN = LabelSet.build(KNOWN_SHAPES)
 MARGIN = 0.005         # recall, precision and label accuracy within 0.5 points of fp32 (measured: within 0.43)

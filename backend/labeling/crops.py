@@ -6,25 +6,10 @@ stack is normalised at once.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torchvision.ops import roi_align
 
-
-@dataclass(frozen=True)
-class CropSettings:
-    """How a detected box becomes the region CLIP sees.
-
-    The defaults reproduce the original recipe (the box itself, through CLIP's processor, which keeps the
-    centred square of the short side). ``square`` keeps the whole object instead; ``context`` grows the region
-    around its centre to show surroundings; ``min_size`` grows tiny boxes to at least that many pixels first,
-    so a 6-px blob is seen at its real scale instead of magnified into a look-alike of a large object.
-    """
-
-    context: float = 1.0
-    square: bool = False
-    min_size: float = 0.0
+from .specs import CropSettings
 
 
 def crop_regions(boxes: torch.Tensor, settings: CropSettings) -> torch.Tensor:

@@ -8,22 +8,13 @@ and a cap on the count.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import box_area, nms, remove_small_boxes
 
-
-@dataclass(frozen=True)
-class ProposalSettings:
-    mode: Literal["detector", "rpn"] = "detector"
-    score_threshold: float = 0.7
-    nms_iou: float = 0.5
-    min_box_size: float = 2.0       # pixels, both sides
-    max_proposals: int = 100
-    input_size: int | None = None   # detector input short side; None = the model's own (smaller = faster)
+from .specs import ProposalSettings
 
 
 @dataclass(frozen=True)

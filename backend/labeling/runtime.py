@@ -11,38 +11,11 @@ offered but never picked by ``auto``: its embeddings agree less with fp32's (see
 from __future__ import annotations
 
 from collections import OrderedDict
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 from torch import nn
 
-PRECISIONS = ("auto", "fp32", "bf16", "int8", "fp16")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """Native bf16 arithmetic (emulated bf16 on older CPUs is slower than fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.backends.cpu.get_cpu_capability() == "AMX"   # not Linux: ask torch (AMX implies bf16)
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """The precision ``requested`` means on ``device``; a ValueError names what this device can do."""
-    if requested not in PRECISIONS:
-        raise ValueError(f"PRECISION={requested!r}: use one of {', '.join(PRECISIONS)}")
-    cuda = device.type == "cuda"
-    if requested == "auto":
-        return "fp16" if cuda else ("bf16" if cpu_has_bf16() else "fp32")
-    if requested == "fp16" and not cuda:
-        raise ValueError("PRECISION=fp16 needs DEVICE=cuda (on a CPU use bf16 or int8)")
-    if requested == "int8" and cuda:
-        raise ValueError("PRECISION=int8 is CPU-only (dynamic quantisation); on CUDA use fp16")
-    return requested
 
 
 class LowPrecision(nn.Module):
