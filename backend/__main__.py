@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except ValueError as error:
-        from .config import SettingsError  # imported here: the config pulls in torch, --help need not
+        from .config import SettingsError
 
         if not isinstance(error, SettingsError):
             raise

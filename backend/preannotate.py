@@ -61,10 +61,6 @@ COORDINATOR_TIMEOUT_S = 10             # per Label Studio call of the coordinato
 POLL_S = 0.5
 CLEANUP_EVERY_S = 5.0                  # how often the coordinator asks RQ to re-queue abandoned chunks
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# The coordinator's settings, read without backend.config (which imports torch: the coordinator needs no models).
-# Same names and defaults as config.SETTINGS (a test keeps them equal).
-COORDINATOR_SETTINGS = {"REDIS_URL": "", "LABEL_STUDIO_URL": "", "LABEL_STUDIO_API_KEY": "", "PREANNOTATE_CHUNK": 16,
-                        "PREANNOTATE_JOB_TIMEOUT": 900}
 
 
 class LockLost(RuntimeError):
@@ -446,14 +442,9 @@ def add_arguments(parser) -> None:
 def preannotate_command(args) -> int:
     import redis
 
-    settings = {}
-    for name, default in COORDINATOR_SETTINGS.items():
-        raw = os.environ.get(name, "").strip()
-        try:
-            settings[name] = type(default)(raw) if raw else default
-        except ValueError:
-            print(f"error: setting {name}={raw!r} is not a valid {type(default).__name__}", file=sys.stderr)
-            return 2
+    from .config import Settings  # plain data: the coordinator loads no models and no torch
+
+    settings = Settings.from_env()
     redis_url = args.redis or settings["REDIS_URL"]
     ls_url = args.url or settings["LABEL_STUDIO_URL"]
     if not redis_url:
