@@ -60,3 +60,15 @@ def redis_url():
     finally:
         process.terminate()
         process.wait(10)
+
+
+@pytest.fixture
+def ls():
+    """test_images' fake Label Studio on loopback (test_images and test_security use it)."""
+    from test_images import FakeLabelStudio, Server
+
+    app = FakeLabelStudio()
+    server = Server(app)
+    app.url = server.url
+    yield app
+    server.close()

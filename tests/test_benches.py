@@ -12,9 +12,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_bench(script: str, *args: str) -> list[str]:
+def run_bench(script: str, *args: str, timeout: float = 600) -> list[str]:
     run = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=REPO, capture_output=True, text=True,
-                         timeout=600)
+                         timeout=timeout)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run.stdout.strip().splitlines()
 

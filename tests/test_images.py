@@ -196,15 +196,6 @@ def no_proxies(monkeypatch):
 
 
 @pytest.fixture
-def ls():
-    app = FakeLabelStudio()
-    server = Server(app)
-    app.url = server.url
-    yield app
-    server.close()
-
-
-@pytest.fixture
 def foreign(ls):
     app = ForeignHost()
     server = Server(app)

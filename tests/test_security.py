@@ -1,6 +1,6 @@
 """The attacks of issue 11, each reproduced over real HTTP on loopback: attacker and "internal" servers are small
-HTTP servers in threads (on 127.0.0.1, 127.0.0.2 and ::1); Label Studio is test_images' fake. Each test is named
-after its attack and fails on the code before the fix (noted per test)."""
+HTTP servers in threads (on 127.0.0.1, 127.0.0.2 and ::1); Label Studio is test_images' fake (conftest's `ls`).
+Each test is named after its attack and fails on the code before the fix (noted per test)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import zlib
 from http.server import ThreadingHTTPServer
 
 import pytest
-from test_images import IMAGE, LEGACY_TOKEN, FakeLabelStudio, Handler, Server, no_proxies  # noqa: F401
+from test_images import IMAGE, LEGACY_TOKEN, Handler, Server, no_proxies  # noqa: F401
 
 from backend.config import Settings, SettingsError
 from backend.studio import http
@@ -44,15 +44,6 @@ class Recorder:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-@pytest.fixture
-def ls():
-    app = FakeLabelStudio()
-    server = Server(app)
-    app.url = server.url
-    yield app
-    server.close()
 
 
 @pytest.fixture

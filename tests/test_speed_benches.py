@@ -3,18 +3,12 @@ the documented form. Timing is never asserted; the README has the full-size figu
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+import test_benches as benches  # its run_bench (a module import: its tests are not collected twice)
 
 
 def run_bench(script: str, *args: str) -> list[str]:
-    run = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return run.stdout.strip().splitlines()
+    return benches.run_bench(script, *args, timeout=300)
 
 
 def test_pipeline_bench_prints_the_precision_and_profile_lines():
