@@ -142,20 +142,27 @@ def main() -> int:
         log.close()
 
 
-def run(args, server: subprocess.Popen, url: str, work: Path) -> int:
+def wait_for_health(server: subprocess.Popen, url: str, log: Path | None = None, timeout: float = 300) -> None:
+    """Until the server answers /health; it exiting first (its log's tail printed) or ``timeout`` ends the bench."""
     started = time.monotonic()
     while True:
         if server.poll() is not None:
-            print((work / "server.log").read_text()[-3000:])
+            if log is not None:
+                print(log.read_text()[-3000:])
             raise SystemExit("the server exited before answering /health")
         try:
             if requests.get(url + "/health", timeout=2).ok:
-                break
+                return
         except requests.RequestException:
             pass
-        if time.monotonic() - started > 300:
-            raise SystemExit("no /health after 300 s")
+        if time.monotonic() - started > timeout:
+            raise SystemExit(f"no /health after {timeout:.0f} s")
         time.sleep(0.2)
+
+
+def run(args, server: subprocess.Popen, url: str, work: Path) -> int:
+    started = time.monotonic()
+    wait_for_health(server, url, work / "server.log")
     print(f"server {url} pid {server.pid} up in {time.monotonic() - started:.1f} s, "
           f"PSS {memory(server.pid)[0] / 2**20:.0f} MiB", flush=True)
 

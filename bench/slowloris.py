@@ -23,15 +23,10 @@ import time
 from pathlib import Path
 
 import requests
+from load import free_port, wait_for_health  # the load bench's server helpers (bench/ is on sys.path)
 
 REPO = Path(__file__).resolve().parent.parent
 CHECK_TIMEOUT_S = 5.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def health_checks(url: str, n: int) -> tuple[list[float], int]:
@@ -89,18 +84,7 @@ def main() -> int:
                               stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     stop = threading.Event()
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if server.poll() is not None:
-                raise SystemExit("the server exited before answering /health")
-            try:
-                if requests.get(url + "/health", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("no /health after 300 s")
-            time.sleep(0.2)
+        wait_for_health(server, url)
         idle, idle_failed = health_checks(url, args.checks)
         sockets = hold(port, args.connections, stop)
         held, held_failed = health_checks(url, args.checks)
