@@ -18,16 +18,15 @@ from transformers.utils import logging as hf_logging
 from .download import fetch_clip
 from .errors import ModelUnavailable
 from .prompts import LabelSet
+from .specs import device_type
 
 TEXT_BATCH = 256              # prompts per text forward pass: a huge label set cannot hold inference in one go
 TEXT_CACHE_PROMPTS = 20_000   # text embeddings kept (least recently used go): bounded whatever configs arrive
 
 
 def pick_device(requested: str = "auto") -> torch.device:
-    """``auto`` = CUDA when present, else CPU."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    """``auto`` = CUDA when present, else CPU (``specs.device_type`` decides)."""
+    return torch.device(device_type(requested) if requested == "auto" else requested)
 
 
 @dataclass(frozen=True)
