@@ -52,8 +52,7 @@ from .store import Change, Store, open_store
 from .studio.api import LabelStudioAPI, LabelStudioAPIError
 from .studio.images import ImageFetcher, ImageFetchError
 from .studio.label_config import DEFAULT_MAX_LABELS, LabelConfigError, ProjectConfig, TaskDataError, parse_label_config
-from .studio.report import regions_of
-from .studio.results import choices_from_results, regions_from_results
+from .studio.results import choices_from_results, regions_from_results, regions_of
 from .studio.webhooks import annotation_ids, annotation_items, deleted_ids, id_of, label_config_of, project_id_of, stamp
 from .versions import learned_version
 

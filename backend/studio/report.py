@@ -38,15 +38,14 @@ from __future__ import annotations
 
 import html
 import json
-import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from backend.labeling.matching import Region, match_regions
+from backend.labeling.matching import match_regions
 
 from .label_config import ProjectConfig, parse_label_config
-from .results import choices_from_results
+from .results import choices_from_results, regions_of
 
 PREDICTED_BY = "clip-"   # model versions of this backend start with it
 COSTS = {"draw": 7.0, "label": 2.0, "adjust": 3.0, "delete": 1.5, "review": 1.0}   # seconds per action
@@ -181,29 +180,6 @@ def _started_from(task: dict, annotation: dict) -> dict | None:
             return prediction
     before = [p for p in ours if str(p.get("created_at") or "") <= str(annotation.get("created_at") or "~")]
     return max(before or ours, key=lambda p: (str(p.get("created_at") or ""), p.get("id") or 0), default=None)
-
-
-def regions_of(result: list, control: str) -> list[tuple[Region, float | None]]:
-    """The boxes of one RectangleLabels control in a Label Studio result, in percent, with their scores."""
-    out = []
-    for item in result:
-        if not isinstance(item, dict) or item.get("from_name") != control or item.get("type") != "rectanglelabels":
-            continue
-        value = item.get("value")
-        if not isinstance(value, dict):
-            continue
-        labels = value.get("rectanglelabels") or []
-        try:
-            x, y, w, h = (float(value[k]) for k in ("x", "y", "width", "height"))
-        except (KeyError, TypeError, ValueError):
-            continue
-        if not labels or not isinstance(labels[0], str) or not all(map(math.isfinite, (x, y, w, h))):
-            continue
-        score = item.get("score")
-        region_id = item.get("id") if isinstance(item.get("id"), str) else None
-        out.append((Region((x, y, x + w, y + h), labels[0], region_id),
-                    float(score) if isinstance(score, (int, float)) and math.isfinite(score) else None))
-    return out
 
 
 def _count_regions(report: Report, predicted: list, annotated: list) -> None:

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from backend.labeling.detections import Choice, Detections, ImageLabels
+from backend.labeling.matching import Region
 
 from .label_config import Control, ProjectConfig
 
@@ -113,6 +114,29 @@ def choices_from_results(result: list, control: Control) -> list[str]:
             value = item.get("value") if isinstance(item.get("value"), dict) else {}
             chosen += [c for c in value.get("choices") or [] if isinstance(c, str) and c in known]
     return list(dict.fromkeys(chosen))
+
+
+def regions_of(result: list, control: str) -> list[tuple[Region, float | None]]:
+    """The boxes of one RectangleLabels control in a Label Studio result, in percent, with their scores."""
+    out = []
+    for item in result:
+        if not isinstance(item, dict) or item.get("from_name") != control or item.get("type") != "rectanglelabels":
+            continue
+        value = item.get("value")
+        if not isinstance(value, dict):
+            continue
+        labels = value.get("rectanglelabels") or []
+        try:
+            x, y, w, h = (float(value[k]) for k in ("x", "y", "width", "height"))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if not labels or not isinstance(labels[0], str) or not all(map(math.isfinite, (x, y, w, h))):
+            continue
+        score = item.get("score")
+        region_id = item.get("id") if isinstance(item.get("id"), str) else None
+        out.append((Region((x, y, x + w, y + h), labels[0], region_id),
+                    float(score) if isinstance(score, (int, float)) and math.isfinite(score) else None))
+    return out
 
 
 def context_regions(context: dict | None) -> list[DrawnBox]:
