@@ -33,21 +33,21 @@ class BadRequest(ValueError):
 
 def create_app(settings: Settings | None = None, backend=None) -> Flask:
     settings = settings or Settings.from_env()
-    logging.basicConfig(level=settings["LOG_LEVEL"].upper(),
+    logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if backend is None:
         from .labeling.factory import build_labeler, set_threads
         from .model import ClipBackend
-        set_threads(settings["TORCH_THREADS"])
+        set_threads(settings.torch_threads)
         started = time.perf_counter()
         backend = ClipBackend(settings, build_labeler(settings.model_spec()))
         log.info("models loaded and warmed up in %.1f s (%s)", time.perf_counter() - started,
-                 "demo: tiny shapes models" if settings.demo else settings["CLIP_MODEL"])
+                 "demo: tiny shapes models" if settings.demo else settings.clip_model)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.json.sort_keys = False
     app.extensions["clip_backend"] = backend
-    secret, user, password = settings["URL_SECRET"], settings["BASIC_AUTH_USER"], settings["BASIC_AUTH_PASS"]
+    secret, user, password = settings.url_secret, settings.basic_auth_user, settings.basic_auth_pass
     if secret:
         app.wsgi_app = _SecretPrefix(app.wsgi_app, secret)
 

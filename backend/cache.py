@@ -342,14 +342,14 @@ class FeatureCache:
             self._call(tier, "clear")
 
 
-def build_feature_cache(settings, fingerprint: str) -> FeatureCache:
-    """The cache the settings ask for: memory, then Redis (when REDIS_URL is set)."""
+def build_feature_cache(fingerprint: str, memory_mb: float, redis_url: str = "", redis_mb: float = 0,
+                        ttl_days: float = 30.0) -> FeatureCache:
+    """Memory (``memory_mb`` > 0), then Redis (``redis_url`` and ``redis_mb`` > 0), for models of ``fingerprint``."""
     mb = 1024 * 1024
-    ttl_s = settings["FEATURE_CACHE_TTL_DAYS"] * 86400
     tiers: list[Tier] = []
-    if settings["FEATURE_CACHE_MB"] > 0:
-        tiers.append(MemoryTier(int(settings["FEATURE_CACHE_MB"] * mb)))
-    if settings["REDIS_URL"] and settings["FEATURE_CACHE_REDIS_MB"] > 0:
-        tiers.append(RedisTier.from_url(settings["REDIS_URL"], int(settings["FEATURE_CACHE_REDIS_MB"] * mb), ttl_s))
+    if memory_mb > 0:
+        tiers.append(MemoryTier(int(memory_mb * mb)))
+    if redis_url and redis_mb > 0:
+        tiers.append(RedisTier.from_url(redis_url, int(redis_mb * mb), ttl_days * 86400))
     log.info("feature cache: %s", " → ".join(t.name for t in tiers) or "off")
     return FeatureCache(fingerprint, tiers)

@@ -77,12 +77,12 @@ def eval_command(args) -> int:
 def evaluate(dataset: Dataset, settings: Settings, per_class: int, seed: int, background: bool) -> dict:
     """Sample, classify with prompts from the class names, and report (see ``build_report``) with the setup."""
     sample = stratified_sample(dataset.objects, dataset.classes, per_class, seed)
-    set_threads(settings["TORCH_THREADS"])
+    set_threads(settings.torch_threads)
     spec = settings.model_spec()
     labelset = LabelSet.build(dataset.classes, templates=settings.templates,
                               background=settings.background if background else ())
     predicted, skipped = classify(build_labeler(spec, with_detector=False), sample, labelset,
-                                  settings["MAX_IMAGE_PIXELS"])
+                                  settings.max_image_pixels)
     scored = [(obj.label, predicted[i]) for i, obj in enumerate(sample) if i in predicted]
     return build_report(scored, dataset.classes, background) | {
         "clip_model": spec.clip_model, "crops": vars(spec.crops),

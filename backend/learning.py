@@ -39,7 +39,6 @@ import torch
 from cachetools import LRUCache
 from torchvision.ops import box_iou
 
-from .jobs import InProcessJobs, RQJobs
 from .labeling.adapter import AdapterSettings, Examples, Memory, adjust_logits
 from .labeling.calibration import Calibrator
 from .labeling.decode import ImageDecodeError, decode_image
@@ -48,7 +47,7 @@ from .labeling.pipeline import Labeler, LogitAdjuster
 from .labeling.prompts import LabelSet
 from .labeling.proposals import ProposalSettings
 from .labeling.specs import ModelSpec
-from .store import Change, Store, open_store
+from .store import Change, Store
 from .studio.api import LabelStudioAPI, LabelStudioAPIError
 from .studio.images import ImageFetcher, ImageFetchError
 from .studio.label_config import DEFAULT_MAX_LABELS, LabelConfigError, ProjectConfig, TaskDataError, parse_label_config
@@ -103,18 +102,6 @@ class Learning:
         self._checked: set[int] = set()   # projects whose stored memory /setup has looked for
         self._calibrators: LRUCache = LRUCache(64)   # memory token → its Calibrator
         self._calibrators_lock = threading.Lock()
-
-    @classmethod
-    def for_backend(cls, settings, labeler: Labeler, fetcher: ImageFetcher, lock=None) -> Learning:
-        """Redis store + RQ jobs when REDIS_URL is set, else SQLite under MODEL_DIR + a job thread."""
-        store = open_store(settings)
-        space = embedding_space(settings.model_spec())
-        if settings["REDIS_URL"]:
-            jobs = RQJobs(settings["REDIS_URL"])
-        else:
-            jobs = InProcessJobs(Learner(labeler, store, fetcher, space, lock, settings["MAX_IMAGE_PIXELS"],
-                                         settings["MAX_LABELS"]).run)
-        return cls(store, jobs, space, labeler.clip, fetcher, settings.demo)
 
     # ------------------------------------------------------------------ predictions
     def versioned(self, base_version: str, project) -> Learned:
@@ -283,13 +270,6 @@ class Learner:
         self.lock = lock or threading.Lock()
         self.max_pixels = max_pixels
         self.max_labels = max_labels
-
-    @classmethod
-    def from_settings(cls, settings, labeler: Labeler) -> Learner:
-        """For an RQ worker: the store and image access from the same settings as the backend."""
-        return cls(labeler, open_store(settings), ImageFetcher.from_settings(settings),
-                   embedding_space(settings.model_spec()), max_pixels=settings["MAX_IMAGE_PIXELS"],
-                   max_labels=settings["MAX_LABELS"])
 
     def run(self, kind: str, payload: dict):
         if payload.get("space") not in (None, self.space):

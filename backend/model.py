@@ -14,15 +14,16 @@ from functools import lru_cache
 
 import torch
 
+from . import wiring
 from .budget import ByteBudget
-from .cache import build_feature_cache, has_parts, image_digest, merge
+from .cache import has_parts, image_digest, merge
 from .config import Settings
 from .labeling.decode import ImageDecodeError, decode_image, decoded_bytes
 from .labeling.detections import ImageLabels
 from .labeling.pipeline import ImageFeatures, Labeler, LogitAdjuster, needed_features
 from .labeling.prompts import LabelSet, PromptDefaults
-from .learning import Learned, Learning
-from .studio.images import ImageFetcher, ImageFetchError
+from .learning import Learned
+from .studio.images import ImageFetchError
 from .studio.label_config import DEFAULT_MAX_LABELS, ProjectConfig, TaskDataError, parse_label_config
 from .studio.results import context_regions, prediction_for_task
 from .versions import base_version
@@ -73,11 +74,11 @@ class ClipBackend:
         self.settings = settings
         self.labeler = labeler
         self.model_fingerprint = settings.model_spec().fingerprint
-        self.cache = build_feature_cache(settings, self.model_fingerprint)   # features by image content + models
-        self.fetcher = ImageFetcher.from_settings(settings)
-        self.image_memory = ByteBudget(settings["IMAGE_MEMORY_MB"] * 2**20)
+        self.cache = wiring.feature_cache(settings, self.model_fingerprint)   # features by image content + models
+        self.fetcher = wiring.image_fetcher(settings)
+        self.image_memory = ByteBudget(settings.image_memory_mb * 2**20)
         self._inference = threading.Lock()  # one inference at a time: threads would only thrash the cores
-        self.learning = Learning.for_backend(settings, labeler, self.fetcher, self._inference)
+        self.learning = wiring.learning(settings, labeler, self.fetcher, self._inference)
         self.seconds_per_image = self._warm_up()
 
     # ------------------------------------------------------------------ versions
@@ -92,13 +93,13 @@ class ClipBackend:
 
     def setup(self, label_config: str, project=None, hostname: str | None = None,
               access_token: str | None = None) -> dict:
-        config = project_config(label_config, self.settings.prompt_defaults, self.settings["MAX_LABELS"])
+        config = project_config(label_config, self.settings.prompt_defaults, self.settings.max_labels)
         self.fetcher.use_setup_values(hostname, access_token)
         self.learning.rebuild_if_missing(project)
         answer = {"model_version": self.model_version(config, project)}
         warnings = [f"label config: {problem}" for problem in config.problems]
-        if not self.reads_annotations_from_label_studio and not self.settings["URL_SECRET"]:
-            warnings.append(LEARNING_OFF_BASIC_AUTH if self.settings["BASIC_AUTH_USER"] else LEARNING_OFF)
+        if not self.reads_annotations_from_label_studio and not self.settings.url_secret:
+            warnings.append(LEARNING_OFF_BASIC_AUTH if self.settings.basic_auth_user else LEARNING_OFF)
         for warning in warnings:
             log.warning("%s", warning)
         if warnings:
@@ -112,15 +113,15 @@ class ClipBackend:
 
     # ------------------------------------------------------------------ predict
     def predict(self, tasks: list[dict], label_config: str, project=None, context: dict | None = None) -> list[dict]:
-        config = project_config(label_config, self.settings.prompt_defaults, self.settings["MAX_LABELS"])
+        config = project_config(label_config, self.settings.prompt_defaults, self.settings.max_labels)
         learned = self._versioned(config, project)
         regions = context_regions(context)
         if regions:
             return [self._interactive(tasks[0], config, regions, learned)]
-        if len(tasks) > 1 and len(tasks) * self.seconds_per_image > self.settings["PREDICT_BUDGET_SECONDS"]:
+        if len(tasks) > 1 and len(tasks) * self.seconds_per_image > self.settings.predict_budget_seconds:
             # One result for several tasks makes Label Studio ask again task by task, each with its own timeout.
             log.info("predict: %d tasks would take ~%.0f s (budget %.0f s): answering one so LS asks per task",
-                     len(tasks), len(tasks) * self.seconds_per_image, self.settings["PREDICT_BUDGET_SECONDS"])
+                     len(tasks), len(tasks) * self.seconds_per_image, self.settings.predict_budget_seconds)
             tasks = tasks[:1]
         return [result for result, _ in self._predict_tasks(tasks, config, learned, project)]
 
@@ -128,7 +129,7 @@ class ClipBackend:
                      project=None) -> tuple[str, list[tuple[dict, str | None]]]:
         """The bulk path (``backend.preannotate``): every task, no time budget. Returns the model version and,
         per task, its prediction and the reason it has none (None when it has one)."""
-        config = project_config(label_config, self.settings.prompt_defaults, self.settings["MAX_LABELS"])
+        config = project_config(label_config, self.settings.prompt_defaults, self.settings.max_labels)
         learned = self._versioned(config, project)
         return learned.version, self._predict_tasks(tasks, config, learned, project)
 
@@ -173,9 +174,9 @@ class ClipBackend:
                 broken[i] = str(error)
                 urls.append(None)
         downloads = self.fetcher.fetch_many([u for u in urls if u is not None],
-                                            max_workers=self.settings["DOWNLOAD_WORKERS"])
+                                            max_workers=self.settings.download_workers)
         if reserve is not None:
-            reserve(sum(decoded_bytes(d, self.settings["MAX_IMAGE_PIXELS"]) for d in downloads
+            reserve(sum(decoded_bytes(d, self.settings.max_image_pixels) for d in downloads
                         if isinstance(d, bytes)))
         fetched = iter(downloads)
         images = []
@@ -193,7 +194,7 @@ class ClipBackend:
                 images.append(TaskImage(task.get("id"), None, digest=digest, features=features))
                 continue
             try:
-                images.append(TaskImage(task.get("id"), decode_image(data, self.settings["MAX_IMAGE_PIXELS"]),
+                images.append(TaskImage(task.get("id"), decode_image(data, self.settings.max_image_pixels),
                                         digest=digest, features=features))
             except ImageDecodeError as error:
                 images.append(TaskImage(task.get("id"), None, f"{url[0]}: {error}"))

@@ -64,12 +64,12 @@ def label_command(args) -> int:
         print(f"error: the config has no <RectangleLabels>; {args.format} carries boxes only (use --format ls)",
               file=sys.stderr)
         return 2
-    set_threads(settings["TORCH_THREADS"])
+    set_threads(settings.torch_threads)
     spec = settings.model_spec()
     labeler = build_labeler(spec, with_detector=bool(categories))
 
     start = time.perf_counter()
-    run = label_files(labeler, files, config.labelsets, settings["MAX_IMAGE_PIXELS"])
+    run = label_files(labeler, files, config.labelsets, settings.max_image_pixels)
     seconds = time.perf_counter() - start
     write_output(run.labelled, args.format, args.out, config, base_version(spec.fingerprint, config.fingerprint))
     skipped = f" ({len(run.skipped)} skipped)" if run.skipped else ""

@@ -445,8 +445,8 @@ def preannotate_command(args) -> int:
     from .config import Settings  # plain data: the coordinator loads no models and no torch
 
     settings = Settings.from_env()
-    redis_url = args.redis or settings["REDIS_URL"]
-    ls_url = args.url or settings["LABEL_STUDIO_URL"]
+    redis_url = args.redis or settings.redis_url
+    ls_url = args.url or settings.label_studio_url
     if not redis_url:
         print("error: bulk pre-annotation runs on RQ: set REDIS_URL (or --redis), e.g. redis://localhost:6379/0",
               file=sys.stderr)
@@ -461,7 +461,7 @@ def preannotate_command(args) -> int:
         print(f"error: cannot reach Redis at {redis_url}: {error}", file=sys.stderr)
         return 2
     queue = rq_queue(connection, args.queue)
-    api = LabelStudioAPI(ls_url, settings["LABEL_STUDIO_API_KEY"] or None, timeout=COORDINATOR_TIMEOUT_S)
+    api = LabelStudioAPI(ls_url, settings.label_studio_api_key or None, timeout=COORDINATOR_TIMEOUT_S)
     workers = []
     if args.workers > 0:
         import tempfile
@@ -471,8 +471,8 @@ def preannotate_command(args) -> int:
         print(f"started {args.workers} local RQ worker(s), logs in {log_dir}", file=sys.stderr)
     try:
         return Coordinator(connection, queue, api, args.project, demo=args.demo,
-                           chunk=args.chunk or settings["PREANNOTATE_CHUNK"],
-                           job_timeout=args.job_timeout or settings["PREANNOTATE_JOB_TIMEOUT"],
+                           chunk=args.chunk or settings.preannotate_chunk,
+                           job_timeout=args.job_timeout or settings.preannotate_job_timeout,
                            progress=not args.no_progress).run()
     finally:
         stop_workers(workers)

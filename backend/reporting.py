@@ -17,10 +17,10 @@ class ReportUnavailable(RuntimeError):
 
 def make_report(settings: Settings, project: int, store=None) -> Report:
     """Read ``project`` from Label Studio (paged, read-only) and compare annotations with predictions."""
-    if not settings["LABEL_STUDIO_URL"] or not settings["LABEL_STUDIO_API_KEY"]:
+    if not settings.label_studio_url or not settings.label_studio_api_key:
         raise ReportUnavailable("the report reads the project from Label Studio: set LABEL_STUDIO_URL and "
                                 "LABEL_STUDIO_API_KEY (a personal access token or legacy token)")
-    api = LabelStudioAPI(settings["LABEL_STUDIO_URL"], settings["LABEL_STUDIO_API_KEY"])
+    api = LabelStudioAPI(settings.label_studio_url, settings.label_studio_api_key)
     return project_report(api, project, lambda task: _recorded(store, project, task))
 
 
@@ -30,7 +30,7 @@ def _recorded(store, project: int, task: int) -> dict | None:
 
 def report_command(args) -> int:
     settings = Settings.from_env()
-    store = open_store(settings)
+    store = open_store(settings.redis_url, settings.model_dir)
     try:
         text = render(make_report(settings, args.project, store), args.format)
     except (ReportUnavailable, LabelStudioAPIError) as error:

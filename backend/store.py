@@ -12,7 +12,7 @@ Two kinds of state, both per Label Studio project:
   an annotator deleted can be learned as background.
 
 Both stores are shared by every process that opens them (web workers, RQ workers) and survive restarts.
-``open_store(settings)`` picks one.
+``open_store(redis_url, model_dir)`` picks one.
 
 >>> import tempfile
 >>> store = SqliteStore(tempfile.mkdtemp())
@@ -366,11 +366,11 @@ class SqliteStore(Store):
         return json.loads(row[0]) if row else None
 
 
-def open_store(settings) -> Store:
-    """Redis when REDIS_URL is set (shared by every machine), else SQLite under MODEL_DIR."""
-    if settings["REDIS_URL"]:
-        return RedisStore(settings["REDIS_URL"])
-    return SqliteStore(settings["MODEL_DIR"])
+def open_store(redis_url: str, model_dir: str) -> Store:
+    """Redis when ``redis_url`` is set (shared by every machine), else SQLite under ``model_dir``."""
+    if redis_url:
+        return RedisStore(redis_url)
+    return SqliteStore(model_dir)
 
 
 def _safe_url(url: str) -> str:

@@ -17,9 +17,9 @@ from typing import Any
 import redis
 from rq import get_current_job
 
+from . import wiring
 from .config import Settings, demo_from_env
 from .labeling.factory import build_labeler, set_threads
-from .learning import Learner
 from .model import ClipBackend, project_config
 from .preannotate import RunState, StartError
 from .studio.api import LabelStudioAPI, LabelStudioAPIError
@@ -44,11 +44,11 @@ def worker_models(demo: bool) -> tuple[Any, Any]:
     with _worker_lock:
         if demo not in _models:
             settings = Settings.from_env(demo=demo)
-            set_threads(settings["TORCH_THREADS"])
+            set_threads(settings.torch_threads)
             started = time.perf_counter()
             _models[demo] = settings, build_labeler(settings.model_spec())
             log.info("worker: models loaded in %.1f s (%s)", time.perf_counter() - started,
-                     "demo" if demo else settings["CLIP_MODEL"])
+                     "demo" if demo else settings.clip_model)
         return _models[demo]
 
 
@@ -57,7 +57,7 @@ def worker_learner(demo: bool):
     settings, labeler = worker_models(demo)
     with _worker_lock:
         if settings.demo not in _learners:
-            _learners[settings.demo] = Learner.from_settings(settings, labeler)
+            _learners[settings.demo] = wiring.learner(settings, labeler)
         return _learners[settings.demo]
 
 
@@ -78,16 +78,16 @@ def worker_backend(ls_url: str | None, demo: bool):
                 log.warning("worker: REDIS_URL is not set in this worker's environment, so it shares neither the "
                             "feature cache nor the learned corrections of the server; its predictions may carry "
                             "another model version than the server's /setup. Set REDIS_URL as for the server")
-            settings = Settings({**base.values, "LABEL_STUDIO_URL": url}, base.demo)
+            settings = base.replace(label_studio_url=url)
             _backends[(url, base.demo)] = ClipBackend(settings, labeler)
         return _backends[(url, base.demo)]
 
 
 def _worker_api(backend) -> LabelStudioAPI:
-    url = backend.settings["LABEL_STUDIO_URL"]   # the worker's own, else the coordinator's (worker_backend)
+    url = backend.settings.label_studio_url   # the worker's own, else the coordinator's (worker_backend)
     if not url:
         raise StartError("the worker does not know Label Studio's address: set LABEL_STUDIO_URL")
-    return LabelStudioAPI(url, backend.settings["LABEL_STUDIO_API_KEY"] or None)
+    return LabelStudioAPI(url, backend.settings.label_studio_api_key or None)
 
 
 def _connection():
@@ -100,7 +100,7 @@ def _connection():
 def probe_version(run: dict) -> str:
     """RQ job: the model version this worker's settings give the project (the coordinator keys progress by it)."""
     backend = worker_backend(run.get("ls_url"), bool(run.get("demo")))
-    config = project_config(run["label_config"], backend.settings.prompt_defaults, backend.settings["MAX_LABELS"])
+    config = project_config(run["label_config"], backend.settings.prompt_defaults, backend.settings.max_labels)
     return backend.model_version(config, run["project"])
 
 
@@ -129,7 +129,7 @@ def process_chunk(backend, api: LabelStudioAPI, state: RunState, run: dict, task
         from .model import project_config
 
         config = project_config(run["label_config"], backend.settings.prompt_defaults,
-                                backend.settings["MAX_LABELS"])
+                                backend.settings.max_labels)
         ours = {run["version"], backend.model_version(config, run["project"])}
         settled = set()
         for task in [t for t in todo if t["id"] in started_before]:

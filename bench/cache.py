@@ -52,10 +52,10 @@ def main() -> None:
     settings = Settings.from_env(env, demo=True)
     labeler = build_labeler(settings.model_spec())
     backend = ClipBackend(settings, labeler)
-    backend.settings = Settings({**settings.values, "PREDICT_BUDGET_SECONDS": 1e9}, True)  # no per-task fallback
+    backend.settings = settings.replace(predict_budget_seconds=1e9)  # no per-task fallback
     other = None
     if args.redis:
-        other = ClipBackend(Settings({**backend.settings.values, "FEATURE_CACHE_MB": 0}, True), labeler)
+        other = ClipBackend(backend.settings.replace(feature_cache_mb=0), labeler)
         other.settings = backend.settings
 
     def tasks(offset: int) -> list[dict]:

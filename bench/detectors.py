@@ -115,8 +115,8 @@ def main() -> None:
     per_image = speed(args.images, args.rounds)
     recall(args.scenes)
     default = per_image[("fasterrcnn_resnet50_fpn_v2", None, DEFAULT)]
-    profile = per_image[(CPU_PROFILE["DETECTOR"], None, DEFAULT)]
-    print(f"\ncpu profile ({CPU_PROFILE['DETECTOR']}) vs default (R50-FPN v2) detector speed-up, both {DEFAULT}: "
+    profile = per_image[(CPU_PROFILE["detector"], None, DEFAULT)]
+    print(f"\ncpu profile ({CPU_PROFILE['detector']}) vs default (R50-FPN v2) detector speed-up, both {DEFAULT}: "
           f"{default / profile:.1f}x")
 
 

@@ -241,7 +241,7 @@ def main() -> None:
     if args.tiny:
         cpu_detector, cpu_name = fp32_detector, "tiny_shapes"
     else:
-        cpu_name = CPU_PROFILE["DETECTOR"]
+        cpu_name = CPU_PROFILE["detector"]
         cpu_detector, kind = load_any_detector(cpu_name)
         cpu_name += f" ({kind})"
     _, cpu_proposer = at_precision(fp32_clip, cpu_detector, precision)

@@ -47,7 +47,7 @@ def backend(image_dir):
 
 
 def make_client(backend, **env):
-    settings = Settings.from_env({"LOCAL_FILES_DOCUMENT_ROOT": backend.settings["LOCAL_FILES_DOCUMENT_ROOT"], **env},
+    settings = Settings.from_env({"LOCAL_FILES_DOCUMENT_ROOT": backend.settings.local_files_document_root, **env},
                                  demo=True)
     backend.settings = settings
     return create_app(settings, backend).test_client()

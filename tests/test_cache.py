@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from backend import cache as cache_module
+from backend import wiring
 from backend.cache import (
     FeatureCache,
     MemoryTier,
     RedisTier,
     Tier,
-    build_feature_cache,
     decode_part,
     encode_part,
     has_parts,
@@ -208,7 +208,7 @@ def test_corrupt_entries_are_misses(caplog):
 def test_the_settings_pick_the_tiers(tmp_path, redis_url):
     def tiers(**env):
         settings = Settings.from_env({"MODEL_DIR": str(tmp_path), **env})
-        return [t.name for t in build_feature_cache(settings, "m").tiers]
+        return [t.name for t in wiring.feature_cache(settings, "m").tiers]
 
     assert tiers() == ["memory"]
     assert tiers(REDIS_URL=redis_url) == ["memory", "redis"]
@@ -238,12 +238,10 @@ def demo_setup(tmp_path_factory):
     return root, settings, build_labeler(settings.model_spec()), boxes_only, both
 
 
-def make_backend(settings, labeler, **env):
+def make_backend(settings, labeler, **changes):
     from backend.model import ClipBackend
 
-    if env:
-        settings = Settings({**settings.values, **env}, settings.demo)
-    backend = ClipBackend(settings, labeler)
+    backend = ClipBackend(settings.replace(**changes), labeler)
     calls = []
     real = labeler.features
 
@@ -296,14 +294,14 @@ def test_a_config_asking_for_more_computes_only_the_missing_part(demo_setup):
 
 def test_other_model_settings_do_not_reuse_the_entries(demo_setup, redis_url):
     root, settings, labeler, boxes_only, _ = demo_setup
-    shared = {"REDIS_URL": redis_url}
+    shared = {"redis_url": redis_url}
     first, first_calls = make_backend(settings, labeler, **shared)
     first.cache.clear()
     first.predict(tasks("scene_0.png"), boxes_only, "1.1")
-    second, second_calls = make_backend(settings, labeler, **shared, FEATURE_CACHE_MB=0)   # another process
+    second, second_calls = make_backend(settings, labeler, **shared, feature_cache_mb=0)   # another process
     second.predict(tasks("scene_0.png"), boxes_only, "1.1")
     assert second_calls == [] and second.cache.stats.hits == 1   # shared through Redis
-    changed, changed_calls = make_backend(settings, labeler, **shared, PROPOSAL_THRESHOLD="0.55")
+    changed, changed_calls = make_backend(settings, labeler, **shared, proposal_threshold=0.55)
     assert changed.model_fingerprint != first.model_fingerprint
     changed.predict(tasks("scene_0.png"), boxes_only, "1.1")
     assert changed_calls == [(1, True, False)]                  # new proposal settings: recomputed
@@ -312,7 +310,7 @@ def test_other_model_settings_do_not_reuse_the_entries(demo_setup, redis_url):
 
 def test_without_a_cache_predictions_still_work(demo_setup):
     root, settings, labeler, boxes_only, _ = demo_setup
-    backend, calls = make_backend(settings, labeler, FEATURE_CACHE_MB=0)
+    backend, calls = make_backend(settings, labeler, feature_cache_mb=0)
     assert not backend.cache.enabled
     backend.predict(tasks("scene_0.png"), boxes_only, "1.1")
     backend.predict(tasks("scene_0.png"), boxes_only, "1.1")

@@ -13,6 +13,7 @@ from http.server import ThreadingHTTPServer
 import pytest
 from test_images import IMAGE, LEGACY_TOKEN, Handler, Server, no_proxies  # noqa: F401
 
+from backend import wiring
 from backend.config import Settings, SettingsError
 from backend.studio import http
 from backend.studio.images import ImageFetcher, ImageFetchError
@@ -63,7 +64,7 @@ def fetcher(ls, **env) -> ImageFetcher:
     """The fetcher a backend builds from these settings, Label Studio's address and key set."""
     settings = Settings.from_env({"LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": LEGACY_TOKEN,
                                   "IMAGE_TIMEOUT": "3", **env})
-    return ImageFetcher.from_settings(settings)
+    return wiring.image_fetcher(settings)
 
 
 def refused(fetcher: ImageFetcher, url: str) -> str:
@@ -221,14 +222,13 @@ def test_learning_jobs_in_redis_carry_no_token(redis_url, tmp_path):
 
     from backend.jobs import RQJobs
     from backend.learning import Learning
-    from backend.store import open_store
 
     clear_rq(redis.Redis.from_url(redis_url))
     secret = "setup-access-token-" + "x" * 20
     images = ImageFetcher()
     images.use_setup_values("http://label-studio.example:8080", secret)
     settings = Settings.from_env({"MODEL_DIR": str(tmp_path)})
-    learning = Learning(open_store(settings), RQJobs(redis_url), "space", None, images)
+    learning = Learning(wiring.store(settings), RQJobs(redis_url), "space", None, images)
     answer = learning.handle("ANNOTATION_CREATED", authenticated=True, data={
         "project": {"id": 1, "label_config": "<View/>"},
         "annotation": {"id": 7, "task": 3, "result": []}, "task": {"id": 3, "data": {"image": "/x.png"}}})

@@ -72,15 +72,6 @@ class ImageFetcher:
         self._setup_access_token: str | None = None
         self.auth = LabelStudioAuth(timeout, self.allow_private)   # shared with this Label Studio's API client
 
-    @classmethod
-    def from_settings(cls, settings) -> ImageFetcher:
-        """The fetcher a backend or worker process builds from its settings (``backend.config.Settings``)."""
-        hosts = split_hosts(settings["ALLOWED_HOSTS"])
-        return cls(ls_url=settings["LABEL_STUDIO_URL"] or None, api_key=settings["LABEL_STUDIO_API_KEY"] or None,
-                   local_files_root=settings["LOCAL_FILES_DOCUMENT_ROOT"] or None,
-                   max_bytes=settings["IMAGE_MAX_BYTES"], timeout=settings["IMAGE_TIMEOUT"],
-                   allowed_hosts=hosts or None, allow_private=split_hosts(settings["ALLOW_PRIVATE_HOSTS"]))
-
     def use_setup_values(self, hostname: str | None, access_token: str | None) -> None:
         """Remember what /setup sent, as a pair (its token goes only to its host, or to LABEL_STUDIO_URL when
         set). Ignored when LABEL_STUDIO_API_KEY is set: anyone can call /setup, and the key must not follow."""
@@ -355,7 +346,3 @@ def _base_url(url: str | None, source: str) -> str | None:
     if parts.scheme.lower() not in WEB_SCHEMES or not parts.hostname:
         raise ValueError(f"{source} must be a full http(s) URL like http://label-studio:8080, got {url!r}")
     return url
-
-
-def split_hosts(raw: str) -> tuple[str, ...]:
-    return tuple(h.strip() for h in raw.split(",") if h.strip())

@@ -1,0 +1,51 @@
+"""Settings: typed fields read from the environment, checked however they are made."""
+import pytest
+
+from backend.config import Settings, SettingsError, demo_from_env, env_fields
+
+
+def test_each_setting_is_read_as_its_type():
+    settings = Settings.from_env({"TORCH_THREADS": "3", "PROPOSAL_THRESHOLD": "0.55", "CROP_SQUARE": "yes",
+                                  "CLIP_MODEL": "owner/name", "OFFLINE": "off"})
+    assert (settings.torch_threads, settings.proposal_threshold, settings.crop_square) == (3, 0.55, True)
+    assert (settings.clip_model, settings.offline) == ("owner/name", False)
+    assert Settings.from_env({}) == Settings()                     # unset and empty mean the default
+    assert Settings.from_env({"TORCH_THREADS": "  "}).torch_threads == 0
+
+
+@pytest.mark.parametrize("name, raw", [("TORCH_THREADS", "two"), ("PROPOSAL_THRESHOLD", "high"),
+                                       ("CROP_SQUARE", "maybe"), ("OFFLINE", "2")])
+def test_a_value_that_is_not_its_type_names_the_setting(name, raw):
+    with pytest.raises(SettingsError, match=f"{name}='{raw}' is not a valid"):
+        Settings.from_env({name: raw})
+
+
+def test_values_set_in_code_are_checked_too():
+    settings = Settings()
+    assert settings.replace(proposal_threshold=1).proposal_threshold == 1       # an int is a valid float
+    for wrong in ({"torch_threads": "3"}, {"torch_threads": True}, {"crop_square": 1}, {"clip_model": None}):
+        with pytest.raises(SettingsError, match="is not a valid"):
+            settings.replace(**wrong)
+    with pytest.raises(SettingsError, match="PROFILE"):
+        settings.replace(profile="fast")
+    with pytest.raises(AttributeError):                                     # frozen: composition roots share it
+        settings.torch_threads = 2
+
+
+def test_the_cpu_profile_picks_its_detector_unless_one_is_named():
+    assert Settings.from_env({"PROFILE": "cpu"}).detector == "ssdlite320_mobilenet_v3_large"
+    assert Settings.from_env({"PROFILE": "cpu", "DETECTOR": "tiny_shapes"}).detector == "tiny_shapes"
+
+
+def test_the_hub_offline_switch_means_offline():
+    assert Settings.from_env({"HF_HUB_OFFLINE": "1"}).offline
+    assert not Settings.from_env({"HF_HUB_OFFLINE": "anything else"}).offline   # the hub's own reading
+
+
+def test_every_setting_has_help_and_demo_is_not_an_environment_setting():
+    names = [f.name for f in env_fields()]
+    assert "demo" not in names and len(names) == len(set(names))
+    assert all(f.metadata["help"] for f in env_fields())
+    assert demo_from_env({"DEMO": "true"}) and not demo_from_env({})
+    with pytest.raises(SettingsError, match="DEMO"):
+        demo_from_env({"DEMO": "perhaps"})
