@@ -15,6 +15,7 @@ from typing import Any
 
 from .labeling.prompts import DEFAULT_BACKGROUND, DEFAULT_TEMPLATE, PromptDefaults
 from .labeling.specs import CropSettings, ModelSpec, ProposalSettings, resolve_precision, tiny_spec
+from .studio.label_config import ProjectConfig, parse_label_config
 
 PARSERS = {"str": str, "int": int, "float": float}
 TYPES = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,)}
@@ -127,6 +128,11 @@ class Settings:
         return ModelSpec(clip_model=self.clip_model, detector=self.detector,
                          detector_weights=self.detector_weights or None, detector_url=self.detector_weights_url or None,
                          crops=CropSettings(self.crop_context, self.crop_square, self.crop_min_size), **common)
+
+    def project_config(self, xml: str) -> ProjectConfig:
+        """A project's label config as every entry point reads it (server, worker, learner, ``label --config``):
+        with these prompt defaults and label limit."""
+        return parse_label_config(xml, self.prompt_defaults, self.max_labels)
 
     @property
     def prompt_defaults(self) -> PromptDefaults:

@@ -50,7 +50,7 @@ from .labeling.specs import ModelSpec
 from .store import Change, Store
 from .studio.api import LabelStudioAPI, LabelStudioAPIError
 from .studio.images import ImageFetcher, ImageFetchError
-from .studio.label_config import DEFAULT_MAX_LABELS, LabelConfigError, ProjectConfig, TaskDataError, parse_label_config
+from .studio.label_config import LabelConfigError, ProjectConfig, TaskDataError, parse_label_config
 from .studio.results import choices_from_results, regions_from_results, regions_of
 from .studio.webhooks import annotation_ids, annotation_items, deleted_ids, id_of, label_config_of, project_id_of, stamp
 from .versions import learned_version
@@ -262,14 +262,14 @@ class Learner:
     """The working side: turns annotations into stored memory records."""
 
     def __init__(self, labeler: Labeler, store: Store, fetcher: ImageFetcher, space: str, lock=None,
-                 max_pixels: int = 40_000_000, max_labels: int = DEFAULT_MAX_LABELS):
+                 max_pixels: int = 40_000_000, read_config: Callable[[str], ProjectConfig] = parse_label_config):
         self.labeler = labeler
         self.store = store
         self.fetcher = fetcher
         self.space = space
         self.lock = lock or threading.Lock()
         self.max_pixels = max_pixels
-        self.max_labels = max_labels
+        self.read_config = read_config   # the settings' prompt defaults and label limit, as the server reads it
 
     def run(self, kind: str, payload: dict):
         if payload.get("space") not in (None, self.space):
@@ -278,8 +278,7 @@ class Learner:
         project = payload["project"]
         if self.fetcher.trusts_label_studio:   # believe Label Studio, not the webhook
             try:
-                config = parse_label_config(LabelStudioAPI.of(self.fetcher).project(project)["label_config"],
-                                            max_labels=self.max_labels)
+                config = self.read_config(LabelStudioAPI.of(self.fetcher).project(project)["label_config"])
             except (LabelStudioAPIError, LabelConfigError, KeyError, TypeError) as error:
                 log.warning("project %s: cannot read its labeling config from Label Studio: nothing learned: %s",
                             project, error)
@@ -287,7 +286,7 @@ class Learner:
             if kind == "learn":
                 return self.learn(project, config, list(self._from_label_studio(project, payload["items"])))
         else:
-            config = parse_label_config(payload["label_config"], max_labels=self.max_labels)
+            config = self.read_config(payload["label_config"])
         if kind == "learn":
             return self.learn(payload["project"], config, payload["items"])
         if kind == "rebuild":

@@ -21,10 +21,10 @@ from .config import Settings
 from .labeling.decode import ImageDecodeError, decode_image, decoded_bytes
 from .labeling.detections import ImageLabels
 from .labeling.pipeline import ImageFeatures, Labeler, LogitAdjuster, needed_features
-from .labeling.prompts import LabelSet, PromptDefaults
+from .labeling.prompts import LabelSet
 from .learning import Learned
 from .studio.images import ImageFetchError
-from .studio.label_config import DEFAULT_MAX_LABELS, ProjectConfig, TaskDataError, parse_label_config
+from .studio.label_config import ProjectConfig, TaskDataError
 from .studio.results import context_regions, prediction_for_task
 from .versions import base_version
 
@@ -50,10 +50,6 @@ os.register_at_fork(after_in_child=_rebuild_torch_thread_pool)
 
 
 @lru_cache(maxsize=64)
-def project_config(xml: str, defaults: PromptDefaults, max_labels: int = DEFAULT_MAX_LABELS) -> ProjectConfig:
-    return parse_label_config(xml, defaults, max_labels)
-
-
 @dataclass(frozen=True)
 class TaskImage:
     task_id: int | None
@@ -93,7 +89,7 @@ class ClipBackend:
 
     def setup(self, label_config: str, project=None, hostname: str | None = None,
               access_token: str | None = None) -> dict:
-        config = project_config(label_config, self.settings.prompt_defaults, self.settings.max_labels)
+        config = self.settings.project_config(label_config)
         self.fetcher.use_setup_values(hostname, access_token)
         self.learning.rebuild_if_missing(project)
         answer = {"model_version": self.model_version(config, project)}
@@ -113,7 +109,7 @@ class ClipBackend:
 
     # ------------------------------------------------------------------ predict
     def predict(self, tasks: list[dict], label_config: str, project=None, context: dict | None = None) -> list[dict]:
-        config = project_config(label_config, self.settings.prompt_defaults, self.settings.max_labels)
+        config = self.settings.project_config(label_config)
         learned = self._versioned(config, project)
         regions = context_regions(context)
         if regions:
@@ -129,7 +125,7 @@ class ClipBackend:
                      project=None) -> tuple[str, list[tuple[dict, str | None]]]:
         """The bulk path (``backend.preannotate``): every task, no time budget. Returns the model version and,
         per task, its prediction and the reason it has none (None when it has one)."""
-        config = project_config(label_config, self.settings.prompt_defaults, self.settings.max_labels)
+        config = self.settings.project_config(label_config)
         learned = self._versioned(config, project)
         return learned.version, self._predict_tasks(tasks, config, learned, project)
 

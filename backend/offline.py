@@ -27,7 +27,7 @@ from .labeling.detections import ImageLabels
 from .labeling.factory import build_labeler, set_threads
 from .labeling.pipeline import Labeler
 from .labeling.prompts import LabelSet
-from .studio.label_config import Control, LabelConfigError, ProjectConfig, parse_label_config
+from .studio.label_config import Control, LabelConfigError, ProjectConfig
 from .versions import base_version
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def find_images(paths: Sequence[str]) -> list[Path]:
 def project_config(args, settings: Settings) -> ProjectConfig:
     """The controls to fill: those of ``--config``, or one RectangleLabels named ``label`` over ``--labels``."""
     if args.config:
-        config = parse_label_config(Path(args.config).read_text(encoding="utf-8"), settings.prompt_defaults)
+        config = settings.project_config(Path(args.config).read_text(encoding="utf-8"))
         for problem in config.problems:
             log.warning("label config: %s", problem)
         return config

@@ -33,7 +33,7 @@ def learner(settings: Settings, labeler: Labeler, fetcher: ImageFetcher | None =
             state: Store | None = None, lock: threading.Lock | None = None) -> Learner:
     """What turns stored annotations into memory: in the server's job thread, or in an RQ worker."""
     return Learner(labeler, state or store(settings), fetcher or image_fetcher(settings),
-                   embedding_space(settings.model_spec()), lock, settings.max_image_pixels, settings.max_labels)
+                   embedding_space(settings.model_spec()), lock, settings.max_image_pixels, settings.project_config)
 
 
 def learning(settings: Settings, labeler: Labeler, fetcher: ImageFetcher,

@@ -20,7 +20,7 @@ from rq import get_current_job
 from . import wiring
 from .config import Settings, demo_from_env
 from .labeling.factory import build_labeler, set_threads
-from .model import ClipBackend, project_config
+from .model import ClipBackend
 from .preannotate import RunState, StartError
 from .studio.api import LabelStudioAPI, LabelStudioAPIError
 
@@ -100,7 +100,7 @@ def _connection():
 def probe_version(run: dict) -> str:
     """RQ job: the model version this worker's settings give the project (the coordinator keys progress by it)."""
     backend = worker_backend(run.get("ls_url"), bool(run.get("demo")))
-    config = project_config(run["label_config"], backend.settings.prompt_defaults, backend.settings.max_labels)
+    config = backend.settings.project_config(run["label_config"])
     return backend.model_version(config, run["project"])
 
 
@@ -126,10 +126,8 @@ def process_chunk(backend, api: LabelStudioAPI, state: RunState, run: dict, task
         return counts
     started_before = state.attempt([t["id"] for t in todo])
     if started_before:
-        from .model import project_config
 
-        config = project_config(run["label_config"], backend.settings.prompt_defaults,
-                                backend.settings.max_labels)
+        config = backend.settings.project_config(run["label_config"])
         ours = {run["version"], backend.model_version(config, run["project"])}
         settled = set()
         for task in [t for t in todo if t["id"] in started_before]:
