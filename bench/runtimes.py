@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import load_models  # noqa: E402
 
-from backend.labeling.runtime import LowPrecision  # noqa: E402
+from backend.labeling.runtime import LowPrecision, int8_linear  # noqa: E402
 
 
 class Autocast(nn.Module):
@@ -86,8 +86,7 @@ def variants(part: nn.Module, channels_last: bool, example: torch.Tensor, workdi
            "torch bf16 (weights converted)": LowPrecision(copy.deepcopy(part), torch.bfloat16, channels_last),
            "torch bf16 autocast": Autocast(part)}
     if any(isinstance(m, nn.Linear) for m in part.modules()):
-        out["torch int8 dynamic"] = torch.ao.quantization.quantize_dynamic(copy.deepcopy(part), {nn.Linear},
-                                                                           dtype=torch.qint8)
+        out["torch int8 dynamic"] = int8_linear(copy.deepcopy(part))
     others = {"onnxruntime fp32": lambda: OnnxRuntime(part, example, workdir),
               "onnxruntime int8 dynamic": lambda: OnnxRuntime(part, example, workdir, int8=True),
               "openvino f32": lambda: OpenVINO(part, example, "f32"),

@@ -1,10 +1,12 @@
 """PRECISION variants keep the labels: on held-out shapes-world scenes with the bundled tiny models, each variant's
 box recall, precision and label accuracy against fp32's, and how many of fp32's boxes keep their label.
 
-Measured (seed 3000, 300 known-shape scenes, 959 objects, 2-core AVX512-BF16/AMX CPU): fp32 recall .9739
+Measured (seed 3000, 300 known-shape scenes, 959 objects, 2-core AVX512-BF16 CPUs): fp32 recall .9739
 precision .9979 labels .9358; bf16 differs by +0.10 / 0.00 / +0.01 points, 99.6 % of boxes with fp32's label;
-int8 by 0.00 / 0.00 / -0.43 points, 99.3 %. The issue's bar, 0.5 points, is asserted as it is: on 80 scenes one
-box was 0.4 points (the tiny CLIP flips borderline crops when a box moves by a pixel), on 300 it is 0.1.
+int8 (one weight scale per output channel) by 0.00 / 0.00 / -0.32 points, 99.3 % on an AMD EPYC (with one scale
+per tensor it was -0.43 on an Intel CPU and -0.54 on the EPYC, over the bar). The issue's bar, 0.5 points, is
+asserted as it is: on 80 scenes one box was 0.4 points (the tiny CLIP flips borderline crops when a box moves by a
+pixel), on 300 it is 0.1.
 """
 import pytest
 import torch
@@ -17,7 +19,7 @@ from backend.labeling.prompts import LabelSet
 from backend.labeling.specs import cpu_has_bf16, resolve_precision, tiny_spec
 
 KNOWN = LabelSet.build(KNOWN_SHAPES)
-MARGIN = 0.005         # recall, precision and label accuracy within 0.5 points of fp32 (measured: within 0.43)
+MARGIN = 0.005         # recall, precision and label accuracy within 0.5 points of fp32 (measured: within 0.32)
 SAME_LABEL = 0.98      # share of fp32's boxes found with the same label (measured: >= 0.992; the issue's bar)
 
 

@@ -102,6 +102,8 @@ class ModelSpec:
         for how_not_what in ("device", "clip_batch_size", "offline", "detector_url"):
             state.pop(how_not_what)
         state["precision"] = self.resolved_precision   # what runs, not what was asked: `auto` differs per machine
+        if state["precision"] == "int8":   # a change of quantisation scheme changes the predictions
+            state["precision"] = "int8/per-channel"
         for path in (self.clip_model, self.detector_weights):
             if path and Path(path).exists():
                 p = Path(path)
