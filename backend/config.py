@@ -11,6 +11,7 @@ import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from .labeling.prompts import DEFAULT_BACKGROUND, DEFAULT_TEMPLATE, PromptDefaults
@@ -132,7 +133,7 @@ class Settings:
     def project_config(self, xml: str) -> ProjectConfig:
         """A project's label config as every entry point reads it (server, worker, learner, ``label --config``):
         with these prompt defaults and label limit."""
-        return parse_label_config(xml, self.prompt_defaults, self.max_labels)
+        return _project_config(xml, self.prompt_defaults, self.max_labels)
 
     @property
     def prompt_defaults(self) -> PromptDefaults:
@@ -157,6 +158,11 @@ class Settings:
 
 
 CPU_PROFILE = {"detector": "ssdlite320_mobilenet_v3_large"}
+
+
+@lru_cache(maxsize=64)   # every request names its project's config: parse each distinct one once (it is immutable)
+def _project_config(xml: str, defaults: PromptDefaults, max_labels: int) -> ProjectConfig:
+    return parse_label_config(xml, defaults, max_labels)
 
 
 def env_fields() -> tuple[dataclasses.Field, ...]:

@@ -10,7 +10,6 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
@@ -49,7 +48,6 @@ def _rebuild_torch_thread_pool() -> None:
 os.register_at_fork(after_in_child=_rebuild_torch_thread_pool)
 
 
-@lru_cache(maxsize=64)
 @dataclass(frozen=True)
 class TaskImage:
     task_id: int | None

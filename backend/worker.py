@@ -71,10 +71,10 @@ def worker_backend(ls_url: str | None, demo: bool):
     The worker's own ``LABEL_STUDIO_URL`` wins over the coordinator's: it is how this machine reaches Label
     Studio (a container name, say), while the coordinator may run elsewhere."""
     base, labeler = worker_models(demo)
-    url = base["LABEL_STUDIO_URL"] or ls_url or ""
+    url = base.label_studio_url or ls_url or ""
     with _backends_lock:
         if (url, base.demo) not in _backends:
-            if not base["REDIS_URL"]:
+            if not base.redis_url:
                 log.warning("worker: REDIS_URL is not set in this worker's environment, so it shares neither the "
                             "feature cache nor the learned corrections of the server; its predictions may carry "
                             "another model version than the server's /setup. Set REDIS_URL as for the server")

@@ -49,3 +49,13 @@ def test_every_setting_has_help_and_demo_is_not_an_environment_setting():
     assert demo_from_env({"DEMO": "true"}) and not demo_from_env({})
     with pytest.raises(SettingsError, match="DEMO"):
         demo_from_env({"DEMO": "perhaps"})
+
+
+def test_a_label_config_is_parsed_once_with_the_prompt_defaults():
+    xml = ('<View><Image name="image" value="$image"/>'
+           '<RectangleLabels name="label" toName="image"><Label value="star"/></RectangleLabels></View>')
+    settings = Settings.from_env({"PROMPT_TEMPLATE": "a drawing of a {}."})
+    config = settings.project_config(xml)
+    assert settings.project_config(xml) is config                      # every request asks: parsed once
+    assert Settings().project_config(xml) != config                    # other defaults, other prompts
+    assert config.labelsets["label"].prompts == (("a drawing of a star.",),)

@@ -146,15 +146,13 @@ def test_the_server_downloads_before_health_answers(hub, tmp_path):
 
 
 @pytest.mark.parametrize("how", ["OFFLINE=1", "HF_HUB_OFFLINE=1"])
-def test_serve_without_the_models_offline_fails_fast_naming_the_model_and_the_command(how, tmp_path):
+def test_serve_without_the_models_offline_fails_fast_naming_the_model_and_the_command(how, hub, tmp_path):
     name, value = how.split("=")
-    env = env_for(tmp_path, None, **{name: value, "CLIP_MODEL": REPO})
-    started = time.monotonic()
+    env = env_for(tmp_path, hub, **{name: value, "CLIP_MODEL": REPO})
     out = run(["-m", "backend", "serve", "--port", "9"], env)
-    elapsed = time.monotonic() - started
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert REPO in out.stderr and "python -m backend download" in out.stderr
-    assert elapsed < 10, f"took {elapsed:.1f} s"
+    assert not hub.gets, "offline, yet it asked the hub (retries are what made this slow)"
 
 
 FETCH_CLIP = "from backend.labeling.download import fetch_clip; print(fetch_clip('fake-org/tiny-clip'))"
