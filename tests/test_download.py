@@ -115,18 +115,21 @@ def test_two_processes_starting_together_download_once(hub, tmp_path):
 
 
 @pytest.mark.parametrize("how", ["OFFLINE=1", "no network"])
-def test_without_the_models_the_command_fails_fast_with_one_message(how, tmp_path):
+def test_without_the_models_the_command_fails_fast_with_one_message(how, hub, tmp_path):
     image = tmp_path / "x.png"
     next(scenes(0, 1)).image.save(image)
-    env = env_for(tmp_path, None, **({"OFFLINE": "1"} if how == "OFFLINE=1" else
-                                     {"HF_ENDPOINT": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}))
+    env = env_for(tmp_path, hub, **({"OFFLINE": "1"} if how == "OFFLINE=1" else
+                                    {"HF_ENDPOINT": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}))
     started = time.monotonic()
     out = run(["-m", "backend", "label", str(image), "--labels", "bee"], env)
     elapsed = time.monotonic() - started
     print(f"{how}: failed in {elapsed:.1f} s")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.count("error:") == 1 and "python -m backend download" in out.stderr
-    assert elapsed < 10, f"took {elapsed:.1f} s"
+    if how == "OFFLINE=1":
+        assert not hub.gets, "offline, yet it asked the hub"
+    else:   # refused connections: no retry loop with back-off (importing torch alone takes seconds under load)
+        assert elapsed < 30, f"took {elapsed:.1f} s"
 
 
 def test_the_server_downloads_before_health_answers(hub, tmp_path):
