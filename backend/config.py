@@ -22,6 +22,7 @@ SETTINGS: tuple[tuple[str, type, Any, str], ...] = (
     ("PROFILE", str, "default", "`default` (R50-FPN v2) or `cpu` (SSDlite320 MobileNetV3 detector: ≥ 2 images/s end to end on a laptop CPU, less recall; see README)"),
     ("DEVICE", str, "auto", "`auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`"),
     ("PRECISION", str, "auto", "`auto` (fp16 on CUDA, bf16 on a CPU with AVX512-BF16/AMX, else fp32), `fp32`, `bf16`, `int8` (CLIP's Linear layers, CPU; agrees less), `fp16` (CUDA); see README, Speed"),
+    ("RUNTIME", str, "auto", "`auto` (OpenVINO on a CPU when installed and PRECISION is fp32 or bf16, else torch), `torch`, `openvino` (CPU; the image tower and detector backbone, converted on first start and cached under MODEL_DIR/openvino); see README, Speed"),
     ("TORCH_THREADS", int, 0, "torch CPU threads; 0 = torch's default (all cores)"),
     ("PROPOSAL_MODE", str, "detector", "`detector` (final boxes of any class) or `rpn` (objectness proposals: finds objects the detector has no class for)"),
     ("PROPOSAL_THRESHOLD", float, 0.7, "minimum detector score (detector mode) or objectness (rpn mode) of a proposal"),
@@ -117,7 +118,8 @@ class Settings:
                                      nms_iou=v["PROPOSAL_NMS_IOU"], min_box_size=v["PROPOSAL_MIN_SIZE"],
                                      max_proposals=v["MAX_PROPOSALS"], input_size=v["DETECTOR_INPUT_SIZE"] or None)
         common = dict(device=v["DEVICE"], clip_batch_size=v["CLIP_BATCH_SIZE"], proposals=proposals,
-                      offline=v["OFFLINE"], precision=v["PRECISION"])
+                      offline=v["OFFLINE"], precision=v["PRECISION"], runtime=v["RUNTIME"],
+                      cache_dir=v["MODEL_DIR"])
         if self.demo:
             return tiny_spec(**common)
         return ModelSpec(clip_model=v["CLIP_MODEL"], detector=v["DETECTOR"],

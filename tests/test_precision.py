@@ -50,17 +50,18 @@ def same_label_share(reference, variant) -> float:
     return kept / max(1, total)
 
 
-VARIANTS = [("int8", "cpu")] + ([("bf16", "cpu")] if cpu_has_bf16() else []) + (
-    [("fp16", "cuda")] if torch.cuda.is_available() else [])
+BF16 = ["bf16"] if cpu_has_bf16() else []
+VARIANTS = [(p, "cpu", "torch") for p in ["int8", *BF16]] + [(p, "cpu", "openvino") for p in ["fp32", *BF16]] + (
+    [("fp16", "cuda", "torch")] if torch.cuda.is_available() else [])
 
 
-@pytest.mark.parametrize("precision, device", VARIANTS)
-def test_variant_keeps_the_labels(precision, device, held_out, fp32):
+@pytest.mark.parametrize("precision, device, runtime", VARIANTS)
+def test_variant_keeps_the_labels(precision, device, runtime, held_out, fp32):
     reference, reference_labels = fp32
-    labeler = build_labeler(tiny_spec(precision=precision, device=device))
+    labeler = build_labeler(tiny_spec(precision=precision, device=device, runtime=runtime))
     score = score_scenes(labeler, held_out, KNOWN)
     share = same_label_share(reference_labels, label_all(labeler, held_out))
-    print(f"{precision}: recall {score.recall:.3f} precision {score.precision:.3f} labels "
+    print(f"{runtime} {precision}: recall {score.recall:.3f} precision {score.precision:.3f} labels "
           f"{score.label_accuracy:.3f} (fp32 {reference.recall:.3f} {reference.precision:.3f} "
           f"{reference.label_accuracy:.3f}); same label {share:.3f}")
     assert abs(score.recall - reference.recall) <= MARGIN

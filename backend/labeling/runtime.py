@@ -1,4 +1,5 @@
-"""Numeric precision of the models: which one a device gets (``PRECISION``) and how it is applied.
+"""Numeric precision of the models in torch: which one a device gets (``PRECISION``) and how it is applied
+(``openvino_runtime`` does the same for ``RUNTIME=openvino``).
 
 ``auto`` picks, per device, the fastest variant that keeps the labels (see README, "Speed"): fp16 on CUDA, bf16
 on a CPU with native bf16 instructions (AVX512-BF16 or AMX; emulated bf16 is slower than fp32), fp32 elsewhere.
@@ -47,14 +48,10 @@ def apply_to_detector(model: nn.Module, precision: str) -> nn.Module:
     return model
 
 
-def apply_to_clip(model: nn.Module, precision: str) -> nn.Module:
-    """CLIP's image tower in ``precision`` (``Clip`` casts pixels to the tower's dtype); the text tower stays fp32."""
+def apply_to_image_tower(tower: nn.Module, precision: str) -> None:
+    """CLIP's image tower (``clip.ImageTower``) in ``precision``, in place (the tower casts pixels to its dtype);
+    the text tower stays fp32."""
     if precision in DTYPES:
-        model.vision_model.to(DTYPES[precision])
-        model.visual_projection.to(DTYPES[precision])
+        tower.to(DTYPES[precision])
     elif precision == "int8":
-        for name in ("vision_model", "visual_projection"):
-            part = getattr(model, name)
-            quantized = torch.ao.quantization.quantize_dynamic(part, {nn.Linear}, dtype=torch.qint8)
-            setattr(model, name, quantized)
-    return model
+        torch.ao.quantization.quantize_dynamic(tower, {nn.Linear}, dtype=torch.qint8, inplace=True)
