@@ -23,7 +23,6 @@ import argparse
 import copy
 import io
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -212,7 +211,9 @@ def rss_child(args) -> None:
     proposer = Proposer(detector, BENCH_PROPOSALS)
     files, boxes = make_images(1, args.crops)
     end_to_end(clip, proposer, files, boxes, LabelSet.build(SHAPES))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)   # KiB on Linux
+    # this process's own peak (VmHWM): ru_maxrss would include the bench's RSS, which a spawned child inherits
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    print(int(status["VmHWM"].split()[0]) / 2**20)   # kB
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """RUNTIME=openvino with the bundled tiny models: what ``auto`` picks, the converted-model cache (a second start
-reads it instead of converting; a damaged entry is converted again; concurrent first starts convert once), and
-that the torch copies of the converted parts are gone. Its labels against torch fp32: tests/test_precision.py."""
+reads it instead of converting; a damaged entry is converted again; concurrent first starts convert once; an
+unwritable one only costs the next start a conversion), and that the torch copies of the converted parts are gone.
+Its labels against torch fp32: tests/test_precision.py."""
 import logging
 import shutil
 import threading
@@ -111,3 +112,11 @@ def test_concurrent_first_starts_convert_once(tmp_path, caplog):
     assert not errors and len(conversions(caplog)) == 1, (errors, caplog.text)
     assert torch.equal(*(labeler.clip.embed_pixels(PIXELS) for labeler in labelers))
     assert [p.name for p in (tmp_path / "openvino").iterdir() if p.name.startswith(".")] == []   # no temp left
+
+
+def test_an_unwritable_cache_still_starts(cached, tmp_path, caplog):
+    blocked = tmp_path / "model-state"
+    blocked.write_text("a file where MODEL_DIR should be a directory")
+    labeler = build(blocked, with_detector=False)
+    assert "cannot cache clip-image-tower" in caplog.text and len(conversions(caplog)) == 1
+    assert torch.equal(labeler.clip.embed_pixels(PIXELS), cached[1])

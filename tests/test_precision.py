@@ -1,10 +1,12 @@
-"""PRECISION variants keep the labels: on held-out shapes-world scenes with the bundled tiny models, each variant's
-box recall, precision and label accuracy against fp32's, and how many of fp32's boxes keep their label.
+"""PRECISION and RUNTIME variants keep the labels: on held-out shapes-world scenes with the bundled tiny models, each
+variant's box recall, precision and label accuracy against torch fp32's, and how many of its boxes keep their label.
 
 Measured (seed 3000, 300 known-shape scenes, 959 objects, 2-core AVX512-BF16/AMX CPU): fp32 recall .9739
 precision .9979 labels .9358; bf16 differs by +0.10 / 0.00 / +0.01 points, 99.6 % of boxes with fp32's label;
 int8 by 0.00 / 0.00 / -0.43 points, 99.3 %. The issue's bar, 0.5 points, is asserted as it is: on 80 scenes one
 box was 0.4 points (the tiny CLIP flips borderline crops when a box moves by a pixel), on 300 it is 0.1.
+OpenVINO fp32 (2-core AVX2 CPU without bf16, where OpenVINO bf16 was not measurable): .974 / .998 / .936, as torch
+fp32 to the third decimal, 100.0 % of boxes with fp32's label; held to the same bar.
 """
 import pytest
 import torch
@@ -61,9 +63,9 @@ def test_variant_keeps_the_labels(precision, device, runtime, held_out, fp32):
     labeler = build_labeler(tiny_spec(precision=precision, device=device, runtime=runtime))
     score = score_scenes(labeler, held_out, KNOWN)
     share = same_label_share(reference_labels, label_all(labeler, held_out))
-    print(f"{runtime} {precision}: recall {score.recall:.3f} precision {score.precision:.3f} labels "
-          f"{score.label_accuracy:.3f} (fp32 {reference.recall:.3f} {reference.precision:.3f} "
-          f"{reference.label_accuracy:.3f}); same label {share:.3f}")
+    print(f"{runtime} {precision}: recall {score.recall:.4f} precision {score.precision:.4f} labels "
+          f"{score.label_accuracy:.4f} (fp32 {reference.recall:.4f} {reference.precision:.4f} "
+          f"{reference.label_accuracy:.4f}); same label {share:.4f}")
     assert abs(score.recall - reference.recall) <= MARGIN
     assert abs(score.precision - reference.precision) <= MARGIN
     assert abs(score.label_accuracy - reference.label_accuracy) <= MARGIN

@@ -3,9 +3,9 @@
 A part is converted from its torch module (the weights the torch path loads, so no separate conversion step for
 the user), saved as OpenVINO IR under the cache directory and read from there by later starts. The IR keeps fp32
 weights whatever the precision: the precision is a compile-time hint (bf16 where the torch path runs bf16), so one
-entry serves both. An entry is named after a hash of the part's weights and the OpenVINO version, is written to a
-temporary directory and renamed into place under a file lock (concurrent first starts convert once and never see
-half an entry), and one that cannot be read (truncated, edited) is converted again.
+entry serves both. An entry is named after a hash of the part's weights, its input shape and the OpenVINO and torch
+versions; it is written to a temporary directory and renamed into place under a file lock (concurrent first starts
+convert once and never see half an entry), and one that cannot be read (truncated, edited) is converted again.
 """
 from __future__ import annotations
 
@@ -49,23 +49,29 @@ def compile_part(name: str, module: nn.Module, example: torch.Tensor, shape: lis
     """``module`` compiled for the CPU at ``precision``; ``shape``: its input's, -1 where a dimension varies. Read
     from ``cache_dir`` when converted before (then kept there), else converted now."""
     core = ov.Core()
-    if cache_dir is None:
+    model = None
+    if cache_dir is not None:
+        entry = Path(cache_dir) / f"{name}-{_digest(module, shape)}"
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(f"{entry}.lock"):
+                model = _read(core, entry)
+                if model is None:
+                    _save(_convert(name, module, example, shape), entry)
+                    model = core.read_model(entry / "model.xml")
+        except OSError as error:   # not writable, or full: run anyway, converting again at the next start
+            log.warning("openvino: cannot cache %s in %s (%s)", name, cache_dir, error)
+    if model is None:
         model = _convert(name, module, example, shape)
-    else:
-        entry = Path(cache_dir) / f"{name}-{_weights_digest(module)}"
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(f"{entry}.lock"):
-            model = _read(core, entry)
-            if model is None:
-                _save(_convert(name, module, example, shape), entry)
-                model = core.read_model(entry / "model.xml")
     config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "INFERENCE_NUM_THREADS": torch.get_num_threads()}
     return CompiledPart(core.compile_model(model, "CPU", config))
 
 
-def _weights_digest(module: nn.Module) -> str:
-    """Names, shapes and bytes of the weights (files can move or be copied; the weights are what was converted)."""
-    digest = hashlib.sha256(f"{type(module).__qualname__} openvino {ov.__version__}".encode())
+def _digest(module: nn.Module, shape: list[int]) -> str:
+    """What the conversion depends on: the weights' names, shapes and bytes (files can move or be copied; the
+    weights are what was converted), the input shape and the versions of the converter and of torch."""
+    digest = hashlib.sha256(f"{type(module).__qualname__} {shape} openvino {ov.__version__} torch "
+                            f"{torch.__version__}".encode())
     for key, tensor in module.state_dict().items():
         digest.update(f"{key}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
