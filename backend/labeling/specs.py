@@ -135,8 +135,10 @@ class ModelSpec:
         state = asdict(self)
         for how_not_what in ("device", "clip_batch_size", "offline", "detector_url", "cache_dir"):
             state.pop(how_not_what)
-        # what runs, not what was asked: `auto` differs per machine
-        state["precision"], state["runtime"] = self.resolved_precision, self.resolved_runtime
+        state["precision"] = self.resolved_precision   # what runs, not what was asked: `auto` differs per machine
+        state.pop("runtime")
+        if self.resolved_runtime != "torch":   # torch keeps the fingerprints from before RUNTIME (learned memory's key)
+            state["runtime"] = self.resolved_runtime
         for path in (self.clip_model, self.detector_weights):
             if path and Path(path).exists():
                 p = Path(path)
