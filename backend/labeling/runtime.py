@@ -53,5 +53,5 @@ def apply_to_image_tower(tower: nn.Module, precision: str) -> None:
     the text tower stays fp32."""
     if precision in DTYPES:
         tower.to(DTYPES[precision])
-    elif precision == "int8":
-        torch.ao.quantization.quantize_dynamic(tower, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    elif precision == "int8":   # the transformer's Linear layers; the projection stays fp32
+        torch.ao.quantization.quantize_dynamic(tower.vision_model, {nn.Linear}, dtype=torch.qint8, inplace=True)
