@@ -15,7 +15,7 @@ from functools import lru_cache
 from typing import Any
 
 from .labeling.prompts import DEFAULT_BACKGROUND, DEFAULT_TEMPLATE, PromptDefaults
-from .labeling.specs import CropSettings, ModelSpec, ProposalSettings, resolve_precision, tiny_spec
+from .labeling.specs import RUNTIMES, CropSettings, ModelSpec, ProposalSettings, resolve_precision, tiny_spec
 from .studio.label_config import ProjectConfig, parse_label_config
 
 PARSERS = {"str": str, "int": int, "float": float}
@@ -43,6 +43,7 @@ class Settings:
     profile: str = setting("default", "`default` (R50-FPN v2) or `cpu` (SSDlite320 MobileNetV3 detector: ≥ 2 images/s end to end on a laptop CPU, less recall; see README)")
     device: str = setting("auto", "`auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`")
     precision: str = setting("auto", "`auto` (fp16 on CUDA, bf16 on a CPU with AVX512-BF16/AMX, else fp32), `fp32`, `bf16`, `int8` (CLIP's Linear layers, CPU; agrees less), `fp16` (CUDA); see README, Speed")
+    runtime: str = setting("auto", "`auto` (OpenVINO on a CPU when installed and PRECISION resolves to bf16, else torch), `torch`, `openvino` (CPU; the image tower and detector backbone, converted on first start and cached under MODEL_DIR/openvino); see README, Speed")
     torch_threads: int = setting(0, "torch CPU threads; 0 = torch's default (all cores)")
     proposal_mode: str = setting("detector", "`detector` (final boxes of any class) or `rpn` (objectness proposals: finds objects the detector has no class for)")
     proposal_threshold: float = setting(0.7, "minimum detector score (detector mode) or objectness (rpn mode) of a proposal")
@@ -110,6 +111,8 @@ class Settings:
                 resolve_precision(self.precision, self.device)
         except ValueError as error:
             raise SettingsError(str(error)) from None
+        if self.runtime not in RUNTIMES:
+            raise SettingsError(f"RUNTIME={self.runtime!r}: use one of {', '.join(RUNTIMES)}")
         if self.label_studio_api_key and not self.label_studio_url:
             from .studio.images import KEY_NEEDS_URL
             raise SettingsError(KEY_NEEDS_URL)
@@ -123,7 +126,7 @@ class Settings:
                                      nms_iou=self.proposal_nms_iou, min_box_size=self.proposal_min_size,
                                      max_proposals=self.max_proposals, input_size=self.detector_input_size or None)
         common = dict(device=self.device, clip_batch_size=self.clip_batch_size, proposals=proposals,
-                      offline=self.offline, precision=self.precision)
+                      offline=self.offline, precision=self.precision, runtime=self.runtime, cache_dir=self.model_dir)
         if self.demo:
             return tiny_spec(**common)
         return ModelSpec(clip_model=self.clip_model, detector=self.detector,

@@ -78,9 +78,9 @@ class Learned:
 
 def embedding_space(spec: ModelSpec) -> str:
     """Identifies what produced the embeddings: the CLIP model (its files) and the crop settings; not the
-    precision (its embeddings agree with fp32's, so learned memory carries over)."""
+    precision or the runtime (their embeddings agree with torch fp32's, so learned memory carries over)."""
     return replace(spec, detector="", detector_weights=None, proposals=ProposalSettings(),
-                   precision="fp32").fingerprint
+                   precision="fp32", runtime="torch").fingerprint
 
 
 def source_key(annotation_id) -> str:

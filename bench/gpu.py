@@ -46,7 +46,7 @@ def main() -> None:
     low = resolve_precision("auto", device)
     results = {}
     for precision in ("fp32", low) if low != "fp32" else ("fp32",):
-        clip, proposer = at_precision(fp32_clip, fp32_detector, precision, device)
+        clip, proposer = at_precision(fp32_clip, fp32_detector, precision, device=device)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         stages = end_to_end(clip, proposer, files, boxes, labelset)

@@ -3,9 +3,11 @@
     python bench/pipeline.py [--images 4] [--crops 20] [--detector fasterrcnn_resnet50_fpn_v2] [--rounds 3]
     python bench/pipeline.py --tiny          # the bundled tiny models, 1 small round: a smoke test (seconds)
 
-Also in the same run: the default PRECISION (``auto``) vs fp32 end to end and per stage, with the CLIP embeddings'
-agreement; the ``PROFILE=cpu`` detector end to end; interactive box → label latency; and the peak RSS of a fresh
-process holding the default models (a child process, so this one's extra copies do not count).
+Also in the same run: the default (``PRECISION=auto``, ``RUNTIME=auto``) vs fp32 end to end and per stage, with the
+CLIP embeddings' agreement, and vs torch at the default precision when the default runtime is another; the
+``PROFILE=cpu`` detector end to end; interactive box → label latency; and the peak RSS of a fresh process holding
+the default models (child processes, so this one's extra copies do not count), on a first start (converting, when
+the runtime converts) and on a second (reading the converted models from the cache).
 
 Real architectures: CLIP ViT-B/32 and the chosen Faster R-CNN, with real weights when they are on this
 machine and random weights otherwise (speed does not depend on weight values; the output says which).
@@ -20,7 +22,8 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import resource
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,19 +41,16 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 
 from backend.config import CPU_PROFILE  # noqa: E402
 from backend.demo.shapes import SHAPES, scenes  # noqa: E402
-from backend.labeling.clip import Clip  # noqa: E402
+from backend.labeling.clip import Clip, ImageTower  # noqa: E402
 from backend.labeling.crops import CropSettings, crop_regions, cut_crops  # noqa: E402
 from backend.labeling.decode import decode_image  # noqa: E402
 from backend.labeling.detectors import load_detector  # noqa: E402
 from backend.labeling.errors import ModelUnavailable  # noqa: E402
+from backend.labeling.factory import apply_runtime  # noqa: E402
 from backend.labeling.pipeline import Labeler  # noqa: E402
 from backend.labeling.prompts import LabelSet  # noqa: E402
 from backend.labeling.proposals import ProposalSettings, Proposer  # noqa: E402
-from backend.labeling.runtime import apply_to_clip, apply_to_detector  # noqa: E402
-from backend.labeling.specs import (
-    TINY_DIR,  # noqa: E402
-    resolve_precision,  # noqa: E402
-)
+from backend.labeling.specs import TINY_DIR, resolve_precision, resolve_runtime  # noqa: E402
 
 WIDTH, HEIGHT = 800, 600
 # the detectors' own default score threshold: random weights score every SSD anchor ~1/91, and 0.0 would send
@@ -60,7 +60,9 @@ RECIPE_CROPS = CropSettings()  # the box as CLIP's processor would see it, as in
 
 
 def load_models(detector_name: str, tiny: bool = False) -> tuple[Clip, torch.nn.Module, str]:
-    """fp32 CLIP and detector (the bundled tiny ones with ``tiny``)."""
+    """fp32 CLIP and detector (the bundled tiny ones with ``tiny``); random weights are the same in every process,
+    so converted models are found in a cache by a later process."""
+    torch.manual_seed(0)
     if tiny:
         clip = Clip.load(str(TINY_DIR / "clip"), "cpu")
         return clip, load_detector("tiny_shapes", TINY_DIR / "detector.pt"), "tiny CLIP, tiny_shapes (real weights)"
@@ -81,18 +83,19 @@ def load_any_detector(name: str) -> tuple[torch.nn.Module, str]:
         return load_detector(name, random_init=True), "random weights"
 
 
-def at_precision(clip: Clip, detector: torch.nn.Module | None, precision: str,
-                 device: torch.device = torch.device("cpu")) -> tuple[Clip, Proposer | None]:
-    """Copies of fp32 models at ``precision``, applied as ``factory.build_labeler`` does (same weights)."""
+def at_precision(clip: Clip, detector: torch.nn.Module | None, precision: str, runtime: str = "torch",
+                 device: torch.device = torch.device("cpu"),
+                 cache_dir: str | None = None) -> tuple[Clip, Proposer | None]:
+    """Copies of fp32 models at ``precision`` on ``runtime``, as ``factory.build_labeler`` applies them (same
+    weights)."""
     variant = copy.copy(clip)
-    variant.model = apply_to_clip(copy.deepcopy(clip.model), precision).to(device)
+    variant.model = copy.deepcopy(clip.model).to(device)
+    variant.image_tower = ImageTower(variant.model)
     variant.device = device
     variant._text_cache = copy.copy(clip._text_cache)
-    proposer = None
-    if detector is not None:
-        proposer = Proposer(apply_to_detector(copy.deepcopy(detector).to(device), precision),
-                            BENCH_PROPOSALS, device)
-    return variant, proposer
+    detector = copy.deepcopy(detector).to(device) if detector is not None else None
+    apply_runtime(variant, detector, precision, runtime, cache_dir)
+    return variant, Proposer(detector, BENCH_PROPOSALS, device) if detector is not None else None
 
 
 def make_images(n: int, crops_per_image: int, seed: int = 7) -> tuple[list[bytes], list[torch.Tensor]]:
@@ -186,21 +189,31 @@ def interactive_seconds(clip: Clip, data: bytes, labelset, rounds: int = 5) -> f
     return statistics.median(times[1:])
 
 
-def peak_rss(args) -> float:
-    """GiB: a fresh process loads the default models and labels one image (``--rss-child``)."""
-    command = [sys.executable, __file__, "--rss-child", "--detector", args.detector, "--threads", str(args.threads)]
+def peak_rss(args, cache_dir: str) -> float:
+    """GiB: a fresh process loads the default models (converted models kept in ``cache_dir``) and labels one image
+    (``--rss-child``)."""
+    command = [sys.executable, __file__, "--rss-child", "--detector", args.detector, "--threads", str(args.threads),
+               "--cache-dir", cache_dir]
     run = subprocess.run(command + (["--tiny"] if args.tiny else []), capture_output=True, text=True, check=True)
     return float(run.stdout.strip().splitlines()[-1])
 
 
+def default_variant() -> tuple[str, str]:
+    """(precision, runtime) that ``auto`` gives on this CPU."""
+    cpu = torch.device("cpu")
+    precision = resolve_precision("auto", cpu)
+    return precision, resolve_runtime("auto", cpu, precision)
+
+
 def rss_child(args) -> None:
     clip, detector, _ = load_models(args.detector, args.tiny)
-    precision = resolve_precision("auto", torch.device("cpu"))
-    apply_to_clip(clip.model, precision)   # in place, as factory.build_labeler does: one copy of each model
-    proposer = Proposer(apply_to_detector(detector, precision), BENCH_PROPOSALS)
+    apply_runtime(clip, detector, *default_variant(), args.cache_dir)   # in place, as factory.build_labeler does
+    proposer = Proposer(detector, BENCH_PROPOSALS)
     files, boxes = make_images(1, args.crops)
     end_to_end(clip, proposer, files, boxes, LabelSet.build(SHAPES))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)   # KiB on Linux
+    # this process's own peak (VmHWM): ru_maxrss would include the bench's RSS, which a spawned child inherits
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    print(int(status["VmHWM"].split()[0]) / 2**20)   # kB
 
 
 def main() -> None:
@@ -212,6 +225,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="classification rounds, ours and naive back to back")
     parser.add_argument("--tiny", action="store_true", help="tiny models, 1 image, 4 crops, 1 round (smoke test)")
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tiny:
         args.images, args.crops, args.rounds = 1, 4, 1
@@ -219,32 +233,43 @@ def main() -> None:
     if args.rss_child:
         return rss_child(args)
     fp32_clip, fp32_detector, described = load_models(args.detector, args.tiny)
-    precision = resolve_precision("auto", torch.device("cpu"))
-    clip, proposer = at_precision(fp32_clip, fp32_detector, precision)
+    precision, runtime = default_variant()
+    default = f"{runtime} {precision}"
+    work = tempfile.mkdtemp(prefix="bench-pipeline-")   # converted models: this run's, then the children's
+    cache = os.path.join(work, "main")
+    clip, proposer = at_precision(fp32_clip, fp32_detector, precision, runtime, cache_dir=cache)
     files, boxes = make_images(args.images, args.crops)
     labelset = LabelSet.build(SHAPES)
     n_crops = args.images * args.crops
     print(f"models: {described}; {args.images} images {WIDTH}x{HEIGHT}, {n_crops} crops, "
-          f"{len(SHAPES) + 1} prompts, {torch.get_num_threads()} threads; default precision here: {precision}")
+          f"{len(SHAPES) + 1} prompts, {torch.get_num_threads()} threads; default here: {default}")
 
-    # The default (PRECISION=auto) vs fp32, back to back on the same images and weights.
+    # The default (PRECISION=auto, RUNTIME=auto) vs fp32 (torch), and vs torch at the same precision when the
+    # runtime is another, back to back on the same images and weights.
     fp32_stages = end_to_end(fp32_clip, Proposer(fp32_detector, BENCH_PROPOSALS), files, boxes,
                              labelset)
     stages = end_to_end(clip, proposer, files, boxes, labelset)
+    torch_variant = None   # (CLIP, stages) of torch at the default precision
+    if runtime != "torch" and precision == "fp32":
+        torch_variant = fp32_clip, fp32_stages
+    elif runtime != "torch":
+        torch_clip, torch_proposer = at_precision(fp32_clip, fp32_detector, precision)
+        torch_variant = torch_clip, end_to_end(torch_clip, torch_proposer, files, boxes, labelset)
+        del torch_proposer
     images = [decode_image(f) for f in files]
     spec = clip.pixels
     crops = torch.cat([cut_crops(i, crop_regions(b, RECIPE_CROPS), spec.size, spec.mean, spec.std)
                        for i, b in zip(images, boxes)])
     cosine = centred_cosine(fp32_clip, clip, crops)
 
-    # The CPU profile's detector with the default CLIP precision, same images and crops.
+    # The CPU profile's detector with the default CLIP, same images and crops.
     if args.tiny:
         cpu_detector, cpu_name = fp32_detector, "tiny_shapes"
     else:
         cpu_name = CPU_PROFILE["detector"]
         cpu_detector, kind = load_any_detector(cpu_name)
         cpu_name += f" ({kind})"
-    _, cpu_proposer = at_precision(fp32_clip, cpu_detector, precision)
+    _, cpu_proposer = at_precision(fp32_clip, cpu_detector, precision, runtime, cache_dir=cache)
     cpu_stages = end_to_end(clip, cpu_proposer, files, boxes, labelset)
     latency = interactive_seconds(clip, files[0], labelset)
 
@@ -270,12 +295,25 @@ def main() -> None:
           f"{args.images / naive_total:.3f} images/s (fp32, same decode and detector)")
     noisy = " (random weights: near-ties, so this says little)" if "random" in described else ""
     print(f"top-1 agreement between the two crop paths: {agree:.0%}{noisy}")
-    print(f"CLIP embeddings {precision} vs fp32: mean centred cosine {cosine:.4f} ({len(crops)} crops)")
-    print(f"detector stage {precision} vs fp32: {fp32_stages['detector'] / stages['detector']:.1f}x; "
+    print(f"CLIP embeddings {default} vs fp32: mean centred cosine {cosine:.4f} ({len(crops)} crops)")
+    print(f"detector stage {default} vs fp32: {fp32_stages['detector'] / stages['detector']:.1f}x; "
           f"CLIP stage: {fp32_stages['clip'] / stages['clip']:.1f}x")
-    print(f"interactive box -> label: {latency * 1000:.0f} ms (one box, decode included, warm, median of 5)")
-    print(f"peak RSS, one process with the default models: {peak_rss(args):.2f} GiB")
-    print(f"cpu profile detector: {cpu_name}, {precision}")
+    torch_latency = ""
+    if torch_variant:
+        torch_clip, torch_stages = torch_variant
+        print(f"default vs torch {precision} end-to-end speedup: {sum(torch_stages.values()) / total:.1f}x; "
+              f"detector stage {torch_stages['detector'] / stages['detector']:.1f}x, "
+              f"CLIP stage {torch_stages['clip'] / stages['clip']:.1f}x")
+        torch_latency = f"; torch {precision}: {interactive_seconds(torch_clip, files[0], labelset) * 1000:.0f} ms"
+    print(f"interactive box -> label: {latency * 1000:.0f} ms (one box, decode included, warm, median of 5"
+          f"{torch_latency})")
+    children = os.path.join(work, "rss")   # empty: the first child converts, the second reads its cache
+    first = peak_rss(args, children)
+    print(f"peak RSS, one process with the default models: {peak_rss(args, children):.2f} GiB")
+    if runtime == "openvino":
+        print(f"peak RSS on a first start (converting to OpenVINO): {first:.2f} GiB")
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"cpu profile detector: {cpu_name}, {default}")
     batched_total = naive_total - naive_seconds + fp32_classify
     print(f"end-to-end speedup (fp32, batched vs naive): {naive_total / batched_total:.1f}x")
     print(f"default vs fp32 end-to-end speedup: {fp32_total / total:.1f}x")

@@ -8,9 +8,9 @@ Torch eager at fp32, bf16 with weights converted once (what ``PRECISION=bf16`` r
 and R50-FPN v2 with random weights when the real ones are absent: speed does not depend on weight values).
 Agreement: mean cosine with fp32's outputs, centred on fp32's mean (random weights map every input near one
 direction, which would make the plain cosine ~1 whatever the variant does). Then onnxruntime (fp32 and dynamic
-int8, from a TorchScript ONNX export) and OpenVINO (converted from the torch module, compiled at f32 and bf16),
-where they are installed (``requirements-test.txt`` installs both; they are not runtime dependencies). A
-conversion that fails prints its reason as the row.
+int8, from a TorchScript ONNX export, where installed: ``requirements-test.txt`` installs it) and OpenVINO at fp32
+and bf16, converted and compiled as ``RUNTIME=openvino`` does (inputs of any batch and image size). A conversion
+that fails prints its reason as the row.
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import load_models  # noqa: E402
 
+from backend.labeling.openvino_runtime import compile_part  # noqa: E402
 from backend.labeling.runtime import LowPrecision, int8_linear  # noqa: E402
 
 
@@ -66,22 +67,8 @@ class OnnxRuntime:
         return [torch.from_numpy(out) for out in self.session.run(None, feed)]
 
 
-class OpenVINO:
-    """``part`` converted by OpenVINO straight from the torch module, compiled for the CPU at ``precision``."""
-
-    def __init__(self, part: nn.Module, example: torch.Tensor, precision: str):
-        import openvino as ov
-
-        model = ov.convert_model(part, example_input=example)
-        core = ov.Core()
-        core.set_property("CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads()})
-        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
-
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [torch.from_numpy(out) for out in self.compiled(x.numpy()).values()]
-
-
-def variants(part: nn.Module, channels_last: bool, example: torch.Tensor, workdir: Path) -> dict[str, object]:
+def variants(part: nn.Module, channels_last: bool, example: torch.Tensor, shape: list[int],
+             workdir: Path) -> dict[str, object]:
     out = {"torch fp32": part,
            "torch bf16 (weights converted)": LowPrecision(copy.deepcopy(part), torch.bfloat16, channels_last),
            "torch bf16 autocast": Autocast(part)}
@@ -89,8 +76,8 @@ def variants(part: nn.Module, channels_last: bool, example: torch.Tensor, workdi
         out["torch int8 dynamic"] = int8_linear(copy.deepcopy(part))
     others = {"onnxruntime fp32": lambda: OnnxRuntime(part, example, workdir),
               "onnxruntime int8 dynamic": lambda: OnnxRuntime(part, example, workdir, int8=True),
-              "openvino f32": lambda: OpenVINO(part, example, "f32"),
-              "openvino bf16": lambda: OpenVINO(part, example, "bf16")}
+              "openvino fp32": lambda: compile_part("part", part, example, shape, "fp32", None),
+              "openvino bf16": lambda: compile_part("part", part, example, shape, "bf16", None)}
     for key, make in others.items():
         try:
             out[key] = make()
@@ -116,23 +103,21 @@ def centred_cosine(reference: torch.Tensor, other: torch.Tensor) -> float:
     return float(nn.functional.cosine_similarity(reference - mean, other - mean).mean())
 
 
-class Tower(nn.Module):
-    """A CLIP tower and its projection as one module of one tensor input."""
+class TextTower(nn.Module):
+    """CLIP's text tower and projection as one module of one tensor input (token ids), as ``clip.ImageTower``."""
 
-    def __init__(self, model, image: bool):
+    def __init__(self, model):
         super().__init__()
-        self.body = model.vision_model if image else model.text_model
-        self.projection = model.visual_projection if image else model.text_projection
-        self.image = image
+        self.text_model, self.text_projection = model.text_model, model.text_projection
 
-    def forward(self, x):
-        out = self.body(pixel_values=x) if self.image else self.body(input_ids=x)
-        return self.projection(out.pooler_output)
+    def forward(self, tokens):
+        return self.text_projection(self.text_model(input_ids=tokens).pooler_output)
 
 
-def measure(name: str, part: nn.Module, example: torch.Tensor, rounds: int, channels_last: bool,
+def measure(name: str, part: nn.Module, example: torch.Tensor, shape: list[int], rounds: int, channels_last: bool,
             workdir: Path) -> None:
-    runs = variants(part, channels_last, example, workdir)
+    """``shape``: the input's, -1 where a dimension varies (what OpenVINO compiles for)."""
+    runs = variants(part, channels_last, example, shape, workdir)
     failed = {k: v for k, v in runs.items() if isinstance(v, str)}
     runs = {k: v for k, v in runs.items() if k not in failed}
     seconds = {k: [] for k in runs}
@@ -174,13 +159,14 @@ def main() -> None:
     print("| part | runtime, precision | ms | vs torch fp32 | centred cosine with fp32 |\n|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as tmp:
         workdir = Path(tmp)
-        measure(f"CLIP image tower, {len(crops)} crops", Tower(clip.model, True), crops, args.rounds, False, workdir)
-        measure(f"CLIP text tower, {len(tokens)} prompts", Tower(clip.model, False), tokens, args.rounds, False,
-                workdir)
+        measure(f"CLIP image tower, {len(crops)} crops", clip.image_tower, crops, [-1, 3, side, side], args.rounds,
+                False, workdir)
+        measure(f"CLIP text tower, {len(tokens)} prompts", TextTower(clip.model), tokens, [-1, -1], args.rounds,
+                False, workdir)
         measure(f"detector backbone, {pixels.shape[-1]}x{pixels.shape[-2]}", detector.backbone, pixels,
-                args.rounds, True, workdir)
-    installed = [r for r in ("onnxruntime", "openvino") if importlib.util.find_spec(r)]
-    print(f"runtimes compared: torch eager fp32 / bf16 / bf16 autocast / int8{''.join(' / ' + r for r in installed)}")
+                [-1, 3, -1, -1], args.rounds, True, workdir)
+    onnx = " / onnxruntime" if importlib.util.find_spec("onnxruntime") else ""
+    print(f"runtimes compared: torch eager fp32 / bf16 / bf16 autocast / int8{onnx} / openvino")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""PRECISION variants keep the labels: on held-out shapes-world scenes with the bundled tiny models, each variant's
-box recall, precision and label accuracy against fp32's, and how many of fp32's boxes keep their label.
+"""PRECISION and RUNTIME variants keep the labels: on held-out shapes-world scenes with the bundled tiny models, each
+variant's box recall, precision and label accuracy against torch fp32's, and how many of its boxes keep their label.
 
 Measured (seed 3000, 300 known-shape scenes, 959 objects, 2-core AVX512-BF16 CPUs): fp32 recall .9739
 precision .9979 labels .9358; bf16 differs by +0.10 / 0.00 / +0.01 points, 99.6 % of boxes with fp32's label;
 int8 (one weight scale per output channel) by 0.00 / 0.00 / -0.32 points, 99.3 % on an AMD EPYC (with one scale
 per tensor it was -0.43 on an Intel CPU and -0.54 on the EPYC, over the bar). The issue's bar, 0.5 points, is
 asserted as it is: on 80 scenes one box was 0.4 points (the tiny CLIP flips borderline crops when a box moves by a
-pixel), on 300 it is 0.1.
-"""
+pixel), on 300 it is 0.1. OpenVINO fp32 (2-core AVX2 CPU without bf16, where OpenVINO bf16 could not run): .9739 /
+.9979 / .9358, the same as torch fp32, 100.0 % of boxes with fp32's label; held to the same bar (OpenVINO bf16 too,
+where it runs)."""
 import pytest
 import torch
 from torchvision.ops import box_iou
@@ -52,19 +53,20 @@ def same_label_share(reference, variant) -> float:
     return kept / max(1, total)
 
 
-VARIANTS = [("int8", "cpu")] + ([("bf16", "cpu")] if cpu_has_bf16() else []) + (
-    [("fp16", "cuda")] if torch.cuda.is_available() else [])
+BF16 = ["bf16"] if cpu_has_bf16() else []
+VARIANTS = [(p, "cpu", "torch") for p in ["int8", *BF16]] + [(p, "cpu", "openvino") for p in ["fp32", *BF16]] + (
+    [("fp16", "cuda", "torch")] if torch.cuda.is_available() else [])
 
 
-@pytest.mark.parametrize("precision, device", VARIANTS)
-def test_variant_keeps_the_labels(precision, device, held_out, fp32):
+@pytest.mark.parametrize("precision, device, runtime", VARIANTS)
+def test_variant_keeps_the_labels(precision, device, runtime, held_out, fp32):
     reference, reference_labels = fp32
-    labeler = build_labeler(tiny_spec(precision=precision, device=device))
+    labeler = build_labeler(tiny_spec(precision=precision, device=device, runtime=runtime))
     score = score_scenes(labeler, held_out, KNOWN)
     share = same_label_share(reference_labels, label_all(labeler, held_out))
-    print(f"{precision}: recall {score.recall:.3f} precision {score.precision:.3f} labels "
-          f"{score.label_accuracy:.3f} (fp32 {reference.recall:.3f} {reference.precision:.3f} "
-          f"{reference.label_accuracy:.3f}); same label {share:.3f}")
+    print(f"{runtime} {precision}: recall {score.recall:.4f} precision {score.precision:.4f} labels "
+          f"{score.label_accuracy:.4f} (fp32 {reference.recall:.4f} {reference.precision:.4f} "
+          f"{reference.label_accuracy:.4f}); same label {share:.4f}")
     assert abs(score.recall - reference.recall) <= MARGIN
     assert abs(score.precision - reference.precision) <= MARGIN
     assert abs(score.label_accuracy - reference.label_accuracy) <= MARGIN

@@ -16,11 +16,16 @@ def test_pipeline_bench_prints_the_precision_and_profile_lines():
     assert re.fullmatch(r"batched/naive speedup: \d+\.\dx", lines[-1]), lines[-1]
     for pattern in (r"default vs fp32 end-to-end speedup: \d+\.\dx",
                     r"cpu profile: \d+\.\d\d images/s, \d+\.\dx the fp32 default",
-                    r"detector stage \w+ vs fp32: \d+\.\dx; CLIP stage: \d+\.\dx",
+                    r"detector stage \w+ \w+ vs fp32: \d+\.\dx; CLIP stage: \d+\.\dx",
                     r"interactive box -> label: \d+ ms .*",
                     r"peak RSS, one process with the default models: \d+\.\d\d GiB",
-                    r"CLIP embeddings \w+ vs fp32: mean centred cosine [01]\.\d{4} .*"):
+                    r"CLIP embeddings \w+ \w+ vs fp32: mean centred cosine [01]\.\d{4} .*"):
         assert any(re.fullmatch(pattern, line) for line in lines[:-1]), (pattern, lines)
+    if any(line.startswith("detector stage openvino") for line in lines):   # the default runtime here (a bf16 CPU)
+        for pattern in (r"default vs torch \w+ end-to-end speedup: \d+\.\dx; "
+                        r"detector stage \d+\.\dx, CLIP stage \d+\.\dx",
+                        r"peak RSS on a first start \(converting to OpenVINO\): \d+\.\d\d GiB"):
+            assert any(re.fullmatch(pattern, line) for line in lines[:-1]), (pattern, lines)
 
 
 def test_detectors_bench_lists_the_cpu_profile_candidates():
@@ -42,5 +47,5 @@ def test_runtimes_bench_prints_the_table():
     lines = run_bench("runtimes.py", "--tiny")
     rows = [line for line in lines if re.fullmatch(r"\| .+ \| torch .+ \| \d+ \| \d+\.\d\dx \| -?[01]\.\d{4} \|", line)]
     assert len(rows) == 11, lines   # 4 variants per CLIP tower, 3 for the detector's backbone (no Linear layers)
-    for runtime in ("onnxruntime", "openvino"):   # installed by requirements-test.txt: two rows per part each
+    for runtime in ("onnxruntime", "openvino"):   # installed by requirements(-test).txt: two rows per part each
         assert sum(f"| {runtime} " in line for line in lines) == 6, lines

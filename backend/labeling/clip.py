@@ -7,11 +7,13 @@ offline.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from cachetools import LRUCache
+from torch import nn
 from transformers import AutoProcessor, CLIPModel
 from transformers.utils import logging as hf_logging
 
@@ -38,12 +40,27 @@ class PixelSpec:
     std: torch.Tensor
 
 
+class ImageTower(nn.Module):
+    """CLIP's image tower and projection as one module of one tensor input, (N, 3, S, S) pixels → (N, D) features:
+    what ``Clip`` runs, and the unit ``factory`` converts (to bf16, int8, OpenVINO). It shares the CLIP model's
+    modules, so converting them in place converts the model's too."""
+
+    def __init__(self, model: CLIPModel):
+        super().__init__()
+        self.vision_model, self.visual_projection = model.vision_model, model.visual_projection
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = pixels.to(self.vision_model.embeddings.patch_embedding.weight.dtype)   # bf16 when converted
+        return self.visual_projection(self.vision_model(pixel_values=pixels).pooler_output)
+
+
 class Clip:
     """One loaded CLIP: embeds pixels and prompts, and turns embeddings into label probabilities."""
 
     def __init__(self, model: CLIPModel, processor, device: torch.device, batch_size: int = 32,
                  name: str = "clip"):
         self.model = model.to(device).eval()
+        self.image_tower: Callable[[torch.Tensor], torch.Tensor] = ImageTower(self.model)
         self.tokenizer = processor.tokenizer
         image_processor = processor.image_processor
         crop = image_processor.crop_size
@@ -73,11 +90,6 @@ class Clip:
         return cls(model, processor, pick_device(device), batch_size, name=name_or_path)
 
     @property
-    def image_dtype(self) -> torch.dtype:
-        """The image tower's (``runtime.apply_to_clip`` may have converted it)."""
-        return self.model.vision_model.embeddings.patch_embedding.weight.dtype
-
-    @property
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.detach().exp())
 
@@ -88,9 +100,7 @@ class Clip:
             return torch.zeros(0, self.model.config.projection_dim)
         out = []
         for start in range(0, len(pixels), self.batch_size):
-            batch = pixels[start:start + self.batch_size].to(self.device, self.image_dtype)
-            features = self.model.get_image_features(pixel_values=batch)
-            features = getattr(features, "pooler_output", features)  # transformers 5 returns an output object
+            features = self.image_tower(pixels[start:start + self.batch_size].to(self.device))
             out.append(F.normalize(features.float(), dim=-1).cpu())
         return torch.cat(out)
 

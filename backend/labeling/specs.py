@@ -3,6 +3,7 @@ any machine-learning library (``labeling.factory`` turns a ``ModelSpec`` into mo
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -75,6 +76,34 @@ def resolve_precision(requested: str, device) -> str:
     return requested
 
 
+RUNTIMES = ("auto", "torch", "openvino")
+
+
+@lru_cache(maxsize=1)
+def openvino_installed() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def resolve_runtime(requested: str, device, precision: str) -> str:
+    """What runs the heavy parts (CLIP's image tower, the detector's backbone) at the resolved ``precision`` on
+    ``device``. ``auto``: OpenVINO at bf16 on a CPU when it is installed (1.9x / 2.3x torch bf16 on the two parts;
+    see README, "Speed"), else torch: at fp32 it gained only 1.1-1.3x end to end and held 0.7 GiB more (2.8 GiB,
+    over the 2.5 GiB budget); CUDA and ``int8`` (torch's dynamic quantisation) always torch."""
+    if requested not in RUNTIMES:
+        raise ValueError(f"RUNTIME={requested!r}: use one of {', '.join(RUNTIMES)}")
+    cuda = device_type(device) == "cuda"
+    if requested == "auto":
+        return "openvino" if not cuda and precision == "bf16" and openvino_installed() else "torch"
+    if requested == "openvino":
+        if cuda:
+            raise ValueError("RUNTIME=openvino runs on a CPU: use DEVICE=cpu, or RUNTIME=torch on CUDA")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"RUNTIME=openvino runs fp32 or bf16, not PRECISION={precision} (use RUNTIME=torch)")
+        if not openvino_installed():
+            raise ValueError("RUNTIME=openvino needs the openvino package (pip install -r requirements.txt)")
+    return requested
+
+
 TINY_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 
 
@@ -89,21 +118,30 @@ class ModelSpec:
     crops: CropSettings = field(default_factory=CropSettings)
     offline: bool = False                  # never download missing weights
     detector_url: str | None = None        # where to download the detector's weights (default torchvision's)
-    precision: str = "auto"                # runtime.PRECISIONS; `auto` = the fastest that keeps the labels
+    precision: str = "auto"                # PRECISIONS; `auto` = the fastest that keeps the labels
+    runtime: str = "auto"                  # RUNTIMES; `auto` = OpenVINO on a CPU when installed
+    cache_dir: str | None = None           # converted models are kept under it (in openvino/); None: not kept
 
     @property
     def resolved_precision(self) -> str:
         return resolve_precision(self.precision, self.device)
 
     @property
+    def resolved_runtime(self) -> str:
+        return resolve_runtime(self.runtime, self.device, self.resolved_precision)
+
+    @property
     def fingerprint(self) -> str:
         """Changes when anything that shapes predictions changes (weights files by size and mtime)."""
         state = asdict(self)
-        for how_not_what in ("device", "clip_batch_size", "offline", "detector_url"):
+        for how_not_what in ("device", "clip_batch_size", "offline", "detector_url", "cache_dir"):
             state.pop(how_not_what)
         state["precision"] = self.resolved_precision   # what runs, not what was asked: `auto` differs per machine
         if state["precision"] == "int8":   # a change of quantisation scheme changes the predictions
             state["precision"] = "int8/per-channel"
+        state.pop("runtime")
+        if self.resolved_runtime != "torch":   # torch keeps the fingerprints from before RUNTIME (learned memory's key)
+            state["runtime"] = self.resolved_runtime
         for path in (self.clip_model, self.detector_weights):
             if path and Path(path).exists():
                 p = Path(path)
@@ -116,8 +154,10 @@ def tiny_spec(**overrides) -> ModelSpec:
     """The bundled tiny models trained on the shapes world, with the crop settings they were trained for."""
     base = dict(clip_model=str(TINY_DIR / "clip"), detector="tiny_shapes",
                 detector_weights=str(TINY_DIR / "detector.pt"),
-                crops=CropSettings(context=1.25, square=True, min_size=16), precision="fp32")
+                crops=CropSettings(context=1.25, square=True, min_size=16), precision="fp32", runtime="torch")
     if overrides.get("precision") == "auto":
         # fast at fp32 already; in bf16 their learning from corrections gained less (precision +0.03, not +0.10)
         overrides["precision"] = "fp32"
+    if overrides.get("runtime") == "auto":
+        overrides["runtime"] = "torch"   # fast already: converting them would cost more than it saves
     return ModelSpec(**{**base, **overrides})
