@@ -133,7 +133,7 @@ class Learning:
     def _adjust(self, memory: Memory, head: str, embeddings: torch.Tensor, logits: torch.Tensor,
                 labelset: LabelSet) -> torch.Tensor:
         return adjust_logits(memory, head, embeddings, logits, labelset, lambda e: self.clip.logits(e, labelset),
-                             self.clip.logit_scale, self.adapter)
+                             self.adapter)
 
     def record_predictions(self, project, tasks: list[dict], results: list[dict]) -> None:
         """Remember the boxes predicted per task (best effort: a failure is logged, predictions still return)."""

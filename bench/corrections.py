@@ -11,7 +11,7 @@ predictions that match no object (the boxes the annotator deleted). Held-out sce
 each k is repeated ``--draws`` times with other scenes, averaged.
 
 Columns: accuracy = right label among detected objects (IoU >= 0.5); recall = objects found with the right
-label; precision = predictions that are an object with the right label. ``--tune`` prints the shrinkage / alpha
+label; precision = predictions that are an object with the right label. ``--tune`` prints the shrinkage / harm
 comparison on validation scenes (seed 4000) instead: how the defaults in backend/labeling/adapter.py were chosen.
 The last lines: novel-shape accuracy after 4 and 16 shots, the worst change of known-shape accuracy against
 zero-shot (over k = 1, 4, 16), the expected calibration error of region scores before / after the calibrator
@@ -109,7 +109,7 @@ class World:
         if adjust is None:
             def adjust(head, emb, logits, labelset):
                 return adjust_logits(memory, head, emb, logits, labelset, lambda e: clip.logits(e, labelset),
-                                     clip.logit_scale, settings or AdapterSettings())
+                                     settings or AdapterSettings())
         return self.labeler.name(self.features, {HEAD: self.labelset}, adjust)
 
 
@@ -193,17 +193,17 @@ def averaged(world: World, shots: int, draws: int, settings: AdapterSettings | N
 
 
 def tune(world: World, draws: int) -> None:
-    print("| shrinkage | alpha | all: recall k=1 | k=4 | k=16 | mean |")
-    print("|---|---|---|---|---|---|")
-    print(f"| zero-shot | | {averaged(world, 0, 1)['all_recall']:.3f} | | | |")
-    base = AdapterSettings()
+    zero = averaged(world, 0, 1)
+    print("| shrinkage | harm | novel: accuracy k=1 | k=4 | k=16 | worst known-accuracy change | all: recall k=16 |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| zero-shot | | {zero['novel_acc']:.3f} | | | | {zero['all_recall']:.3f} |")
     for shrinkage in (0.3, 0.6, 0.9):
-        for alphas in (base.alphas, (4.0,), (16.0,)):
-            settings = replace(base, shrinkage=shrinkage, alphas=alphas)
-            recalls = [averaged(world, k, draws, settings)["all_recall"] for k in SHOTS]
-            name = "cross-validated" if len(alphas) > 1 else f"fixed {alphas[0]:g}"
-            print(f"| {shrinkage:g} | {name} | " + " | ".join(f"{r:.3f}" for r in recalls)
-                  + f" | {np.mean(recalls):.3f} |", flush=True)
+        for harm in (0.0, 1.0, 2.0):
+            settings = replace(AdapterSettings(), shrinkage=shrinkage, harm=harm)
+            rows = [averaged(world, k, draws, settings) for k in SHOTS]
+            worst = min(r["known_acc"] for r in rows) - zero["known_acc"]
+            print(f"| {shrinkage:g} | {harm:g} | " + " | ".join(f"{r['novel_acc']:.3f}" for r in rows)
+                  + f" | {100 * worst:+.1f} | {rows[-1]['all_recall']:.3f} |", flush=True)
 
 
 def main() -> None:
@@ -211,7 +211,7 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=300, help="held-out scenes scored")
     parser.add_argument("--pool", type=int, default=300, help="scenes the corrected examples come from")
     parser.add_argument("--draws", type=int, default=3, help="random draws of the examples per k, averaged")
-    parser.add_argument("--tune", action="store_true", help="print the alpha/beta grid on validation scenes")
+    parser.add_argument("--tune", action="store_true", help="print the shrinkage/harm grid on validation scenes")
     parser.add_argument("--tiny", action="store_true", help="a few scenes, one draw: the test suite's smoke run")
     parser.add_argument("--clip", help="CLIP directory (default: the bundled tiny model)")
     parser.add_argument("--detector-weights", help="detector state dict (default: the bundled tiny one)")
@@ -231,7 +231,8 @@ def main() -> None:
         tune(world, args.draws)
         return
     settings = AdapterSettings()
-    print(f"few-shot memory: GDA, shrinkage {settings.shrinkage:g}, alpha cross-validated from {settings.alphas}; "
+    print(f"few-shot memory: GDA, shrinkage {settings.shrinkage:g}, temperature and margin cross-validated from "
+          f"{settings.temperatures} x {settings.margins}, harm {settings.harm:g}; "
           f"mean of {args.draws} draws of corrected scenes\n")
     print("| corrected examples per class | known: accuracy | known: recall | novel: accuracy | novel: recall "
           "| all: recall | precision |")
@@ -247,11 +248,11 @@ def main() -> None:
     print("|---|---|---|---|")
     scale = labeler.clip.logit_scale
     variants = {
-        "this backend: GDA, alpha cross-validated per project": dict(settings=settings),
-        "GDA with a per-label gate (trust in zero-shot from the corrections)": dict(
-            settings=replace(settings, gate=True)),
-        "GDA, fixed alpha 16 (no cross-validation)": dict(settings=replace(settings, alphas=(16.0,))),
-        "plain class means (shrinkage 1), alpha cross-validated": dict(settings=replace(settings, shrinkage=1.0)),
+        "this backend: GDA decides learned labels, cross-validated per project": dict(settings=settings),
+        "same, cross-validated on plain accuracy (harm 0)": dict(settings=replace(settings, harm=0.0)),
+        "same, one temperature (16) and margin (0)": dict(
+            settings=replace(settings, temperatures=(16.0,), margins=(0.0,))),
+        "plain class means (shrinkage 1)": dict(settings=replace(settings, shrinkage=1.0)),
         "Tip-Adapter cache, alpha 1, beta 5.5 (its paper's values)": dict(
             adjust=lambda memory: tip_adapter(memory, 1.0, 5.5, scale)),
     }

@@ -4,7 +4,7 @@
 
 A project holds ``--examples`` embedded examples (8 labels and background, 5 per annotation, unit vectors around
 per-label centres); one more annotation arrives and the memory is rebuilt and refitted (GDA with its
-cross-validated weight and per-label gate), as storing an annotation does. Compared with the first fit of the same
+cross-validated temperature and margin), as storing an annotation does. Compared with the first fit of the same
 project (median of ``--rounds``); the target is < 50 ms per refit, so refitting can stay synchronous with storing.
 The last line is the refit time at the largest size.
 """
@@ -45,7 +45,7 @@ def timed(sources: list[Examples], text: torch.Tensor) -> float:
     labelset = LabelSet.build(LABELS)
     started = time.perf_counter()
     memory = Memory.build(sources)
-    memory.fitted("box", labelset, lambda e: 10.0 * e @ text.T, 10.0, AdapterSettings())
+    memory.fitted("box", labelset, lambda e: 10.0 * e @ text.T, AdapterSettings())
     return 1000 * (time.perf_counter() - started)
 
 

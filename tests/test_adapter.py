@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -28,16 +27,17 @@ def test_adapter_leaves_labels_without_examples_and_one_class_memories_alone():
     memory = _memory([("star", e) for e in _cluster(centres[0], 6, 2)]
                      + [("diamond", e) for e in _cluster(centres[1], 6, 3)])
     probe = _cluster(centres[1], 4, 4)
-    adjusted = adjust_logits(memory, "label", probe, zero_shot(probe), labelset, zero_shot, 10.0)
+    adjusted = adjust_logits(memory, "label", probe, zero_shot(probe), labelset, zero_shot)
     assert (adjusted.argmax(1) == 1).all()                                  # diamond, learned
+    assert torch.equal(adjusted[:, 0], zero_shot(probe)[:, 0])              # star, named right by zero-shot: as it was
     assert torch.equal(adjusted[:, 2], zero_shot(probe)[:, 2])              # the label without examples: as it was
     only_stars = _memory([("star", e) for e in _cluster(centres[0], 6, 2)])
-    assert torch.equal(adjust_logits(only_stars, "label", probe, zero_shot(probe), labelset, zero_shot, 10.0),
+    assert torch.equal(adjust_logits(only_stars, "label", probe, zero_shot(probe), labelset, zero_shot),
                        zero_shot(probe))
     unknown = _memory([("circle", e) for e in _cluster(centres[0], 6, 2)] + [("square", e) for e in probe])
-    assert torch.equal(adjust_logits(unknown, "label", probe, zero_shot(probe), labelset, zero_shot, 10.0),
+    assert torch.equal(adjust_logits(unknown, "label", probe, zero_shot(probe), labelset, zero_shot),
                        zero_shot(probe))
-    assert torch.equal(adjust_logits(memory, "other_head", probe, zero_shot(probe), labelset, zero_shot, 10.0),
+    assert torch.equal(adjust_logits(memory, "other_head", probe, zero_shot(probe), labelset, zero_shot),
                        zero_shot(probe))
 
 
@@ -52,7 +52,7 @@ def test_adapter_keeps_zero_shot_when_the_memory_does_not_help():
     zero_shot = lambda e: 10.0 * e @ text.T   # noqa: E731
     keys = torch.stack([r[1] for r in rows])
     assert (zero_shot(keys).argmax(1) == torch.tensor([i for i in range(3) for _ in range(8)])).all()
-    assert memory.fitted("label", labelset, zero_shot, 10.0, AdapterSettings()) is None
+    assert memory.fitted("label", labelset, zero_shot, AdapterSettings()) is None
 
 
 def test_adapter_background_examples_without_a_background_prompt_add_a_column():
@@ -62,10 +62,10 @@ def test_adapter_background_examples_without_a_background_prompt_add_a_column():
     memory = _memory([("star", e) for e in _cluster(centres[0], 6, 8)] + [("diamond", e) for e in
                      _cluster(centres[1], 6, 9)] + [(None, e) for e in _cluster(centres[2], 6, 10)])
     blobs = _cluster(centres[2], 3, 11)
-    adjusted = adjust_logits(memory, "label", blobs, zero_shot(blobs), labelset, zero_shot, 10.0)
+    adjusted = adjust_logits(memory, "label", blobs, zero_shot(blobs), labelset, zero_shot)
     assert adjusted.shape == (3, 3) and (adjusted.argmax(1) == 2).all()    # background wins: dropped
     stars = _cluster(centres[0], 3, 12)
-    assert (adjust_logits(memory, "label", stars, zero_shot(stars), labelset, zero_shot, 10.0).argmax(1) == 0).all()
+    assert (adjust_logits(memory, "label", stars, zero_shot(stars), labelset, zero_shot).argmax(1) == 0).all()
 
 
 def test_memory_token_changes_exactly_with_the_content():
@@ -84,7 +84,7 @@ def test_fold_statistics_give_the_gda_of_the_other_folds_exactly():
     targets = torch.arange(60) % 4
     folds = _folds(torch.arange(60) // 3, 5)
     stats = _Statistics(keys, targets, targets, folds)
-    classes, weights, bias, gate = stats.without(2).gated_gda(0.6, 3, gated=False)
+    classes, weights, bias, learned = stats.without(2).gda(0.6, 3)
     train, y = keys[folds != 2], targets[folds != 2]
     means = torch.stack([train[y == c].mean(0) for c in range(4)])
     centred = train - means[y]
@@ -92,19 +92,18 @@ def test_fold_statistics_give_the_gda_of_the_other_folds_exactly():
     average = float(covariance.trace()) / 12 + 1e-6
     shrunk = 0.4 * covariance + (0.6 * average + 1e-6) * torch.eye(12)
     expected = means @ torch.linalg.inv(shrunk) * average
-    assert torch.equal(classes, torch.arange(4)) and torch.equal(gate, torch.ones(4))
+    assert torch.equal(classes, torch.arange(4)) and learned.tolist() == [False, False, False, True]   # 3: background
     torch.testing.assert_close(weights, expected, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(bias, -0.5 * (expected * means).sum(1), rtol=1e-3, atol=1e-4)
 
 
-def test_gate_trusts_zero_shot_where_it_named_the_corrections_right():
-    """With the gate, a label whose examples zero-shot always named right counts least; the label it never
-    named counts fully; background as much as the least trusted label."""
+def test_the_memory_decides_only_labels_zero_shot_named_wrong_and_background():
+    """A label whose examples zero-shot named right at least half of the time stays zero-shot's; the label it
+    never named, and background, are the memory's."""
     g = torch.Generator().manual_seed(4)
     keys = F.normalize(torch.randn(30, 8, generator=g), dim=-1)
     targets = torch.tensor([0] * 10 + [1] * 10 + [3] * 10)        # labels 0, 1 and background (n = 3)
     named = torch.tensor([0] * 10 + [0] * 10 + [0] * 10)          # zero-shot: right on 0, wrong on 1
     stats = _Statistics(keys, targets, named, torch.arange(30) % 5)
-    classes, _, _, gate = stats.without(None).gated_gda(0.6, 3, gated=True)
-    assert classes.tolist() == [0, 1, 3]
-    assert gate.tolist() == pytest.approx([1 / 11, 1.0, 1.0])      # (0 + 1) / (10 + 2) over (10 + 1) / (10 + 2)
+    classes, _, _, learned = stats.without(None).gda(0.6, 3)
+    assert classes.tolist() == [0, 1, 3] and learned.tolist() == [False, True, True]

@@ -36,9 +36,25 @@ def test_calibrated_on_held_out_corrections_and_uses_agreement():
     before = expected_calibration_error(Calibrator().predict(held), held_kept)
     after = expected_calibration_error(calibrator.predict(held), held_kept)
     print(f"\nECE before / after: {before:.3f} / {after:.3f}, weights {calibrator.weights}")
-    assert before > 0.12 and after < 0.05          # measured 0.180 → 0.035
+    assert before > 0.12 and after < 0.05          # measured 0.180 → 0.036
     assert calibrator.weights[1] > 1.0             # agreement counts (true weight 2)
     assert Calibrator.from_bytes(calibrator.to_bytes()) == calibrator
+
+
+def test_a_few_corrections_that_agree_with_the_scores_leave_them_calibrated():
+    """Scores calibrated already (as the learner's are on the shapes world): 45 corrections, sampling noise
+    included, must not pull them off. Regularised towards zero weights, the fit did (held-out ECE 0.068 on average
+    over these 20 draws, at most 0.126)."""
+    rng = np.random.default_rng(7)
+    held = rng.uniform(0.3, 1.0, 4000)
+    held_kept = rng.uniform(size=4000) < held
+    errors = []
+    for seed in range(20):
+        draw = np.random.default_rng(100 + seed)
+        p = draw.uniform(0.3, 1.0, 45)
+        calibrator = Calibrator.fit(p[:, None], draw.uniform(size=45) < p)
+        errors.append(expected_calibration_error(calibrator.predict(held[:, None]), held_kept))
+    assert np.mean(errors) < 0.045                  # measured 0.032 (raw scores 0.016)
 
 
 def test_task_scores_rank_tasks_that_need_work_first():
@@ -50,7 +66,7 @@ def test_task_scores_rank_tasks_that_need_work_first():
     clean = [bool(kept[t].all()) for t in tasks]
     ranking = auroc(scores, clean)
     print(f"\ntask ranking AUROC: {ranking:.3f}")
-    assert ranking >= 0.80                          # measured 0.842
+    assert ranking >= 0.80                          # measured 0.845
     assert task_score([]) == 1.0
 
 
@@ -60,8 +76,8 @@ def test_probabilities_near_one_do_not_make_the_fit_diverge():
     p = np.clip(rng.beta(8, 1, 60), 0, 1 - 1e-7)
     kept = rng.uniform(size=60) < 0.7
     calibrator = Calibrator.fit(p[:, None], kept)
-    assert abs(calibrator.weights[0]) < 5 and abs(calibrator.bias) < 5           # measured 0.70, -1.07
-    assert expected_calibration_error(calibrator.predict(p[:, None]), kept) < 0.12  # measured 0.075 (raw 0.238)
+    assert abs(calibrator.weights[0]) < 5 and abs(calibrator.bias) < 5           # measured 0.53, -0.55
+    assert expected_calibration_error(calibrator.predict(p[:, None]), kept) < 0.12  # measured 0.070 (raw 0.238)
 
 
 def test_the_learner_records_what_annotators_kept_and_the_server_calibrates_with_it(tmp_path):
