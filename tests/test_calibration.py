@@ -83,7 +83,7 @@ def test_probabilities_near_one_do_not_make_the_fit_diverge():
 def test_the_learner_records_what_annotators_kept_and_the_server_calibrates_with_it(tmp_path):
     """End to end inside the backend: outcomes of corrected predictions are stored with the annotation's record,
     and the next predictions of that project score boxes with the calibrator learned from them."""
-    from backend.labeling.adapter import Examples
+    from backend.labeling.adapter import AdapterSettings, Examples
     from backend.learning import Learning, _outcomes
     from backend.store import Change, SqliteStore
 
@@ -110,3 +110,5 @@ def test_the_learner_records_what_annotators_kept_and_the_server_calibrates_with
     calibrated = learned.keep(np.array([0.9, 0.3]))
     assert abs(calibrated[0] - 0.5) < 0.15 and calibrated[1] < 0.15    # what the corrections say, not 0.9 / 0.3
     assert learning.versioned("clip-base", 8).keep is None              # another project: raw probabilities
+    other_method = Learning(store, jobs=None, space="space", clip=None, adapter=AdapterSettings(harm=0.0))
+    assert other_method.versioned("clip-base", 7).version != learned.version   # an upgraded learner re-predicts

@@ -73,6 +73,12 @@ class AdapterSettings:
     harm: float = 1.0
     folds: int = 5
 
+    @property
+    def method(self) -> str:
+        """Names how a memory becomes predictions: part of the model version, so upgrading the learner (or its
+        settings) re-predicts tasks that the previous one labelled. Bump the tag when the method changes."""
+        return f"zero-shot-first-gda/{self!r}"
+
 
 @dataclass(frozen=True)
 class Examples:
