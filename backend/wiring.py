@@ -7,6 +7,7 @@ import threading
 from .cache import FeatureCache, build_feature_cache
 from .config import Settings
 from .jobs import InProcessJobs, RQJobs
+from .labeling.adapter import AdapterSettings
 from .labeling.pipeline import Labeler
 from .learning import Learner, Learning, embedding_space
 from .store import Store, open_store
@@ -44,4 +45,9 @@ def learning(settings: Settings, labeler: Labeler, fetcher: ImageFetcher,
         jobs = RQJobs(settings.redis_url)
     else:
         jobs = InProcessJobs(learner(settings, labeler, fetcher, state, lock).run)
-    return Learning(state, jobs, embedding_space(settings.model_spec()), labeler.clip, fetcher, settings.demo)
+    return Learning(state, jobs, embedding_space(settings.model_spec()), labeler.clip, fetcher, settings.demo,
+                    adapter_settings(settings))
+
+
+def adapter_settings(settings: Settings) -> AdapterSettings:
+    return AdapterSettings(harm=settings.learning_harm)

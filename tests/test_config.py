@@ -59,3 +59,14 @@ def test_a_label_config_is_parsed_once_with_the_prompt_defaults():
     assert settings.project_config(xml) is config                      # every request asks: parsed once
     assert Settings().project_config(xml) != config                    # other defaults, other prompts
     assert config.labelsets["label"].prompts == (("a drawing of a star.",),)
+
+
+def test_the_learning_harm_setting_reaches_the_learner_and_its_version():
+    from backend import wiring
+
+    assert wiring.adapter_settings(Settings.from_env({"LEARNING_HARM": "0"})).harm == 0.0
+    assert wiring.adapter_settings(Settings()).harm == 1.0
+    methods = {wiring.adapter_settings(Settings.from_env({"LEARNING_HARM": v})).method for v in ("0", "1")}
+    assert len(methods) == 2                       # another trade-off is another model version
+    with pytest.raises(SettingsError, match="LEARNING_HARM"):
+        Settings.from_env({"LEARNING_HARM": "-1"})
