@@ -111,8 +111,7 @@ class Learning:
         if not memory.token:
             return Learned(base_version)
         adjust = partial(self._adjust, memory) if memory else None
-        return Learned(learned_version(base_version, f"{self.adapter.method}:{memory.token}"), adjust,
-                       self._keep(memory))
+        return Learned(learned_version(base_version, memory.token, self.adapter.method), adjust, self._keep(memory))
 
     def _keep(self, memory: Memory) -> Keep | None:
         """Keep-probability from label probability, learned from the annotators' corrections (None: too few)."""

@@ -126,7 +126,6 @@ def process_chunk(backend, api: LabelStudioAPI, state: RunState, run: dict, task
         return counts
     started_before = state.attempt([t["id"] for t in todo])
     if started_before:
-
         config = backend.settings.project_config(run["label_config"])
         ours = {run["version"], backend.model_version(config, run["project"])}
         settled = set()
