@@ -57,7 +57,7 @@ class Settings:
     prompt_template: str = setting(DEFAULT_TEMPLATE, "default prompt template(s) for labels without prompts; `;` separates several (averaged)")
     background_prompts: str = setting(";".join(DEFAULT_BACKGROUND), "default background prompt(s), `;`-separated; regions won by one are dropped")
     clip_batch_size: int = setting(32, "crops per CLIP forward pass")
-    learning_harm: float = setting(1.0, "how much the learner protects labels zero-shot already names right: the extra cost, when it picks its weights per project, of a correction it would turn wrong. 1 kept known labels within 0.4 points of zero-shot on the tiny world (new labels right 0.300 / 0.493 of the time after 4 / 16 corrections each); 0 learns new labels faster (0.485 / 0.569) for about 2 points on known ones; see README, Learning")
+    learning_harm: float = setting(2.0, "how much the learner protects labels zero-shot already names right: the extra cost, when it picks its weights per project, of a correction it would turn wrong. 2 kept known labels within 0.4 points of zero-shot on the tiny world (new labels right 0.431 / 0.531 of the time after 4 / 16 corrections each); 0 learns new labels faster (0.494 / 0.581) for 0.6 points on known ones (1.3 on the validation scenes); see README, Learning")
     max_labels: int = setting(1000, "most labels in one control; a config with more is refused (400 naming the limit)")
     label_studio_url: str = setting("", "Label Studio base URL for image downloads and its API; empty = /setup's hostname (only without LABEL_STUDIO_API_KEY)")
     label_studio_api_key: str = setting("", "legacy token or personal access token, sent only to LABEL_STUDIO_URL (required with it); empty = /setup's access_token")

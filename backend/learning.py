@@ -399,7 +399,7 @@ class Learner:
                 tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
                 tensor[:, 0::2] = tensor[:, 0::2].clamp(0, width)
                 tensor[:, 1::2] = tensor[:, 1::2].clamp(0, height)
-                parts.append(self.labeler.embed_boxes([image], [tensor], self.labeler.crops)[0])
+                parts.append(self.labeler.embed_examples(image, tensor))
             if choice_heads:
                 parts.append(self.labeler.embed_whole([image]).expand(len(choice_heads), -1))
         return Examples(tuple(heads + choice_heads), tuple(labels + choice_labels), torch.cat(parts), task.get("id"),

@@ -73,6 +73,7 @@ class Store:
 
     def __init__(self):
         self._cache: dict[tuple[int, str], tuple[int, Memory]] = {}
+        self._decoded: dict[tuple[int, str], dict[str, tuple[bytes, Examples]]] = {}   # source → (payload, decoded)
         self._cache_lock = threading.Lock()
 
     # -- implemented per store
@@ -107,7 +108,9 @@ class Store:
         return {k: v for k, v in self.snapshot(project, space)[1].items() if v[2]}
 
     def memory(self, project: int, space: str) -> tuple[int, Memory]:
-        """The project's memory, decoded once per revision and process."""
+        """The project's memory, decoded once per revision and process; records unchanged since the last revision
+        are not decoded again, and the memory reuses the last one's per-fold Gram matrices (one new annotation:
+        one fold's)."""
         key = (project, space)
         revision = self.revision(project, space)
         with self._cache_lock:
@@ -115,18 +118,25 @@ class Store:
         if cached and cached[0] == revision:
             return cached
         revision, records = self.snapshot(project, space)
-        examples = []
+        with self._cache_lock:
+            before = self._decoded.get(key, {})
+        decoded: dict[str, tuple[bytes, Examples]] = {}
         for source in sorted(records):
             payload = records[source][2]
-            if payload:
-                try:
-                    examples.append(Examples.from_bytes(payload))
-                except (ValueError, KeyError, RuntimeError) as error:
-                    log.warning("project %s: unreadable memory record %r skipped: %s", project, source, error)
-        loaded = (revision, Memory.build(examples))
+            if not payload:
+                continue
+            if source in before and before[source][0] == payload:   # unchanged: decoded (and hashed) already
+                decoded[source] = before[source]
+                continue
+            try:
+                decoded[source] = (payload, Examples.from_bytes(payload))
+            except (ValueError, KeyError, RuntimeError) as error:
+                log.warning("project %s: unreadable memory record %r skipped: %s", project, source, error)
+        memory = Memory.build([examples for _, examples in decoded.values()], previous=cached[1] if cached else None)
+        loaded = (revision, memory)
         with self._cache_lock:
             if key not in self._cache or self._cache[key][0] < revision:
-                self._cache[key] = loaded
+                self._cache[key], self._decoded[key] = loaded, decoded
         return loaded
 
     def tasks_sources(self, project: int, space: str, tasks: set[int]) -> list[str]:

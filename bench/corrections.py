@@ -6,13 +6,14 @@ The shapes world has 6 KNOWN shapes the tiny CLIP was trained on and 2 NOVEL one
 saw: zero-shot labels those as the nearest known shape. The label set has all 8 shapes plus the background
 prompt. Corrections are simulated as the backend learns them from Label Studio: an annotator corrects whole
 scenes (from a pool, seed 2000, in random order) until every class has at least k examples; each corrected scene
-gives its ground-truth boxes (embedded with the pipeline's crop settings) and, as background, the zero-shot
-predictions that match no object (the boxes the annotator deleted). Held-out scenes (seed 3000) are scored;
-each k is repeated ``--draws`` times with other scenes, averaged.
+gives its ground-truth boxes and, as background, the zero-shot predictions that match no object (the boxes the
+annotator deleted), embedded as the learner embeds them (``Labeler.embed_examples``). Held-out scenes (seed 3000)
+are scored; each k is repeated ``--draws`` times with other scenes, averaged.
 
 Columns: accuracy = right label among detected objects (IoU >= 0.5); recall = objects found with the right
-label; precision = predictions that are an object with the right label. ``--tune`` prints the shrinkage / harm
-comparison on validation scenes (seed 4000) instead: how the defaults in backend/labeling/adapter.py were chosen.
+label; precision = predictions that are an object with the right label. ``--tune`` prints the temperatures /
+shrinkage / harm comparison on validation scenes (seed 4000) instead: how the defaults in
+backend/labeling/adapter.py were chosen.
 The last lines: novel-shape accuracy after 4 and 16 shots, the worst change of known-shape accuracy against
 zero-shot (over k = 1, 4, 16), the expected calibration error of region scores before / after the calibrator
 learned from 16 corrected tasks (with the 16-shot memory; the other held-out scenes scored), the AUROC with which
@@ -58,7 +59,7 @@ class World:
             batch = self.pool[start:start + CHUNK]
             images = [scene_tensor(s.image) for s in batch]
             boxes = [torch.tensor([o.box for o in s.objects], dtype=torch.float32).reshape(-1, 4) for s in batch]
-            embedded = labeler.embed_boxes(images, boxes, labeler.crops)
+            embedded = [labeler.embed_examples(image, b) for image, b in zip(images, boxes)]
             features = labeler.features(images, regions=True, whole=False)
             predicted = labeler.name(features, {HEAD: labelset})
             for i, scene in enumerate(batch):
@@ -66,11 +67,11 @@ class World:
                 self.objects += [(index, o.shape, e) for o, e in zip(scene.objects, embedded[i])]
                 # zero-shot predictions overlapping no object: what an annotator deletes
                 kept = predicted[i].regions[HEAD]
-                for box, emb in zip(features[i].proposals.boxes, features[i].region_embeddings):
-                    if not _hits(box, kept.boxes):
-                        continue
-                    if not _hits(box, np.asarray([o.box for o in scene.objects]).reshape(-1, 4)):
-                        self.background.append((index, emb))
+                truth = np.asarray([o.box for o in scene.objects]).reshape(-1, 4)
+                deleted = [b for b in features[i].proposals.boxes if _hits(b, kept.boxes) and not _hits(b, truth)]
+                if deleted:
+                    background = labeler.embed_examples(images[i], torch.as_tensor(np.asarray(deleted)))
+                    self.background += [(index, e) for e in background]
         self.test = list(scenes(test_seed, test_size))
         self.features = []
         for start in range(0, len(self.test), CHUNK):
@@ -194,16 +195,19 @@ def averaged(world: World, shots: int, draws: int, settings: AdapterSettings | N
 
 def tune(world: World, draws: int) -> None:
     zero = averaged(world, 0, 1)
-    print("| shrinkage | harm | novel: accuracy k=1 | k=4 | k=16 | worst known-accuracy change | all: recall k=16 |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| zero-shot | | {zero['novel_acc']:.3f} | | | | {zero['all_recall']:.3f} |")
-    for shrinkage in (0.3, 0.6, 0.9):
-        for harm in (0.0, 1.0, 2.0):
-            settings = replace(AdapterSettings(), shrinkage=shrinkage, harm=harm)
-            rows = [averaged(world, k, draws, settings) for k in SHOTS]
-            worst = min(r["known_acc"] for r in rows) - zero["known_acc"]
-            print(f"| {shrinkage:g} | {harm:g} | " + " | ".join(f"{r['novel_acc']:.3f}" for r in rows)
-                  + f" | {100 * worst:+.1f} | {rows[-1]['all_recall']:.3f} |", flush=True)
+    print("| temperatures | shrinkage | harm | novel: accuracy k=1 | k=4 | k=16 | worst known-accuracy change "
+          "| all: recall k=16 |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| zero-shot | | | {zero['novel_acc']:.3f} | | | | {zero['all_recall']:.3f} |")
+    for temperatures in (AdapterSettings().temperatures, (64.0, 256.0, 1024.0)):
+        for shrinkage in (0.3, 0.6):
+            for harm in (0.0, 1.0, 2.0, 3.0):
+                settings = replace(AdapterSettings(), temperatures=temperatures, shrinkage=shrinkage, harm=harm)
+                rows = [averaged(world, k, draws, settings) for k in SHOTS]
+                worst = min(r["known_acc"] for r in rows) - zero["known_acc"]
+                print(f"| {'/'.join(f'{t:g}' for t in temperatures)} | {shrinkage:g} | {harm:g} | "
+                      + " | ".join(f"{r['novel_acc']:.3f}" for r in rows)
+                      + f" | {100 * worst:+.1f} | {rows[-1]['all_recall']:.3f} |", flush=True)
 
 
 def main() -> None:

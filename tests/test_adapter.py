@@ -83,8 +83,8 @@ def test_fold_statistics_give_the_gda_of_the_other_folds_exactly():
     keys = F.normalize(torch.randn(60, 12, generator=g), dim=-1)
     targets = torch.arange(60) % 4
     folds = _folds(torch.arange(60) // 3, 5)
-    stats = _Statistics(keys, targets, targets, folds)
-    classes, weights, bias, learned = stats.without(2).gda(0.6, 3)
+    stats = _Statistics(keys, targets, targets, folds, 0.6)
+    classes, weights, bias, learned = stats.gda(3, without=2)
     train, y = keys[folds != 2], targets[folds != 2]
     means = torch.stack([train[y == c].mean(0) for c in range(4)])
     centred = train - means[y]
@@ -95,6 +95,9 @@ def test_fold_statistics_give_the_gda_of_the_other_folds_exactly():
     assert torch.equal(classes, torch.arange(4)) and learned.tolist() == [False, False, False, True]   # 3: background
     torch.testing.assert_close(weights, expected, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(bias, -0.5 * (expected * means).sum(1), rtol=1e-3, atol=1e-4)
+    one_class = _Statistics(keys[:10], torch.zeros(10, dtype=torch.long), torch.zeros(10, dtype=torch.long),
+                            torch.arange(10) % 2, 0.6)
+    assert one_class.gda(3, without=0) is None   # nothing to tell apart
 
 
 def test_the_memory_decides_only_labels_zero_shot_named_wrong_and_background():
@@ -104,6 +107,37 @@ def test_the_memory_decides_only_labels_zero_shot_named_wrong_and_background():
     keys = F.normalize(torch.randn(30, 8, generator=g), dim=-1)
     targets = torch.tensor([0] * 10 + [1] * 10 + [3] * 10)        # labels 0, 1 and background (n = 3)
     named = torch.tensor([0] * 10 + [0] * 10 + [0] * 10)          # zero-shot: right on 0, wrong on 1
-    stats = _Statistics(keys, targets, named, torch.arange(30) % 5)
-    classes, _, _, learned = stats.without(None).gda(0.6, 3)
+    stats = _Statistics(keys, targets, named, torch.arange(30) % 5, 0.6)
+    classes, _, _, learned = stats.gda(3)
     assert classes.tolist() == [0, 1, 3] and learned.tolist() == [False, True, True]
+
+
+def test_a_refit_after_one_more_annotation_computes_one_folds_gram_and_fits_as_from_scratch():
+    """Storing one annotation rebuilds the memory from the previous state: with many sources, every other source
+    keeps its fold wherever the new one lands in the store's order, so only the new source's fold gets a new Gram
+    matrix, and the fit is the one a fresh build gives (the same rows in the same order: the same matrices)."""
+    g = torch.Generator().manual_seed(5)
+    centres = F.normalize(torch.randn(3, 16, generator=g), dim=-1)
+    labels = ("a", "b", None)
+    sources = []
+    for _ in range(101):
+        rows = torch.arange(12) % 3
+        keys = F.normalize(centres[rows] + 0.3 * torch.randn(12, 16, generator=g), dim=-1)
+        sources.append(Examples(("box",) * 12, tuple(labels[r] for r in rows.tolist()), keys))
+    labelset = LabelSet.build(["a", "b"])
+    text = F.normalize(centres[:2] + 0.5 * torch.randn(2, 16, generator=g), dim=-1)
+
+    def zero_shot(e):
+        return 10.0 * e @ torch.cat([text, -text.mean(0, keepdim=True)]).T   # labels a, b and a background prompt
+
+    before = Memory.build(sources[:50] + sources[51:])
+    before.fitted("box", labelset, zero_shot, AdapterSettings())
+    assert before._grams.computed == 5                     # 100 sources, 1,200 rows: five folds of about 240
+    after = Memory.build(sources, previous=before)         # the new source lands in the middle
+    fitted = after.fitted("box", labelset, zero_shot, AdapterSettings())
+    assert after._grams.computed == 6                      # the new source's fold only
+    fresh = Memory.build(sources).fitted("box", labelset, zero_shot, AdapterSettings())
+    assert fitted is not None and fresh is not None
+    assert torch.equal(fitted.weights, fresh.weights) and torch.equal(fitted.bias, fresh.bias)
+    assert (fitted.temperature, fitted.margin) == (fresh.temperature, fresh.margin)
+    assert after.token == Memory.build(sources).token != before.token

@@ -65,7 +65,9 @@ def test_the_learning_harm_setting_reaches_the_learner_and_its_version():
     from backend import wiring
 
     assert wiring.adapter_settings(Settings.from_env({"LEARNING_HARM": "0"})).harm == 0.0
-    assert wiring.adapter_settings(Settings()).harm == 1.0
+    from backend.labeling.adapter import AdapterSettings
+
+    assert wiring.adapter_settings(Settings()) == AdapterSettings()   # the setting's default is the learner's
     methods = {wiring.adapter_settings(Settings.from_env({"LEARNING_HARM": v})).method for v in ("0", "1")}
     assert len(methods) == 2                       # another trade-off is another model version
     with pytest.raises(SettingsError, match="LEARNING_HARM"):

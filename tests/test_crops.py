@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from backend.labeling.crops import CropSettings, crop_regions, cut_crops
+from backend.labeling.crops import VIEWS, CropSettings, crop_regions, cut_crops, view_boxes
 from backend.labeling.decode import ImageDecodeError, decode_image
 
 ZERO, ONE = torch.zeros(3), torch.ones(3)
@@ -29,6 +29,17 @@ def test_tiny_boxes_grow_to_the_minimum_size_before_context():
     side = region[0, 2] - region[0, 0]
     assert side == pytest.approx(20.0)
     assert ((region[0, :2] + region[0, 2:]) / 2).tolist() == [102.0, 103.0]
+
+
+def test_views_of_a_box_scale_and_shift_it_around_its_centre():
+    box = torch.tensor([[10.0, 20.0, 50.0, 40.0]])      # 40 x 20, centre (30, 30)
+    views = view_boxes(torch.cat([box, box + 100]))
+    assert views.shape == (2 * len(VIEWS), 4)
+    assert views[0].tolist() == box[0].tolist() and views[1].tolist() == (box[0] + 100).tolist()   # view-major
+    by_view = {v: b.tolist() for v, b in zip(VIEWS, views[0::2])}
+    assert by_view[(0.85, 0.0, 0.0)] == pytest.approx([13.0, 21.5, 47.0, 38.5])
+    assert by_view[(1.0, -0.1, 0.0)] == pytest.approx([6.0, 20.0, 46.0, 40.0])     # a tenth of the width left
+    assert by_view[(1.0, 0.0, 0.1)] == pytest.approx([10.0, 22.0, 50.0, 42.0])     # a tenth of the height down
 
 
 def test_crop_resamples_exact_pixels_when_sizes_match():

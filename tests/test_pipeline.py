@@ -8,9 +8,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from backend.demo.scoring import scene_tensor, score_scenes
 from backend.demo.shapes import KNOWN_SHAPES, NOVEL_SHAPES, SHAPES, scenes
+from backend.labeling.crops import crop_regions, cut_crops, view_boxes
 from backend.labeling.factory import build_labeler
 from backend.labeling.pipeline import Labeler
 from backend.labeling.prompts import LabelSet
@@ -82,6 +84,25 @@ def test_a_drawn_box_gets_its_shape(labeler):
     print(f"\ndrawn boxes named right: {correct}/{total}")
     assert len(named) == len(scene.objects)
     assert correct / total >= 0.85  # measured 79/85 = 0.929
+
+
+def test_an_example_is_the_mean_of_its_views_embeddings(labeler, known_scenes):
+    """What the learner stores for an annotated box: the normalised mean embedding of its views and of its
+    mirrored crop, computed in one batch, the same as embedding each view on its own."""
+    scene = next(s for s in known_scenes if len(s.objects) >= 2)
+    image = scene_tensor(scene.image)
+    boxes = torch.tensor([o.box for o in scene.objects[:2]], dtype=torch.float32)
+    spec = labeler.clip.pixels
+    one_by_one = []
+    for box in boxes:
+        views = labeler.embed_boxes([image], [view_boxes(box[None])], labeler.crops)[0]
+        crop = cut_crops(image, crop_regions(box[None], labeler.crops), spec.size, spec.mean, spec.std)
+        mirrored = labeler.clip.embed_pixels(crop.flip(-1))
+        one_by_one.append(F.normalize(torch.cat([views, mirrored]).mean(0), dim=-1))
+    examples = labeler.embed_examples(image, boxes)
+    torch.testing.assert_close(examples, torch.stack(one_by_one), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(examples.norm(dim=-1), torch.ones(2))
+    assert labeler.embed_examples(image, torch.zeros(0, 4)).shape == (0, examples.shape[1])
 
 
 def test_whole_image_choices_name_close_ups(labeler):

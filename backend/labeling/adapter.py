@@ -1,7 +1,8 @@
 """Few-shot memory built from annotators' corrections, combined with CLIP's zero-shot logits.
 
-A project's memory holds CLIP embeddings of what annotators drew (per control and label), of whole images they
-classified, and of predicted boxes they deleted (background). Nothing is trained by gradient descent. For each
+A project's memory holds CLIP embeddings of what annotators drew (per control and label; each the mean embedding
+of a few views of the box, ``Labeler.embed_examples``), of whole images they classified, and of predicted boxes
+they deleted (background). Nothing is trained by gradient descent. For each
 head and label set the memory is summarised, once per stored state, by Gaussian discriminant analysis (GDA: class
 means and one shared, shrunk covariance; Wang et al., "A Hard-to-Beat Baseline for Training-free CLIP-based
 Adaptation", ICLR 2024) over the labels that have examples (background included).
@@ -47,13 +48,16 @@ import struct
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import cached_property, partial
 
 import torch
+from cachetools import LRUCache
 
 from .prompts import LabelSet
 
 MAGIC = b"CLX1"
 ZeroShot = Callable[[torch.Tensor], torch.Tensor]   # embeddings (N, D) → zero-shot logits (N, L + B)
+FoldGrams = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], list[torch.Tensor]]   # keys, groups, folds → Grams
 
 
 @dataclass(frozen=True)
@@ -64,13 +68,14 @@ class AdapterSettings:
     cross-validation, of an example zero-shot named right that the memory names wrong; ``folds``:
     cross-validation folds. Chosen on the shapes world's validation scenes (bench/corrections.py --tune): the
     novel-shape accuracy after 16 shots highest among the settings that kept known shapes within a point of
-    zero-shot (shrinkage 0.3: -0.5 points, novel 0.503; 0.6: -1.2 for the same novel accuracy; 0.9: -0.5,
-    novel 0.398; harm 0: -1.8 to -2.5; harm 2 chose as harm 1; ten margins from 0 to 8: -1.1)."""
+    zero-shot (shrinkage 0.3, harm 2: -0.9 points, novel 0.423 / 0.543 after 4 / 16; harm 0 and 1: -1.3;
+    shrinkage 0.6: -1.3 to -2.1; temperatures 64/256/1024: novel 0.463 / 0.572 for -1.1, harm 1 0.516 / 0.633
+    for -1.9)."""
 
     shrinkage: float = 0.3
     temperatures: tuple[float, ...] = (4.0, 16.0, 64.0)
     margins: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
-    harm: float = 1.0
+    harm: float = 2.0
     folds: int = 5
 
     @property
@@ -106,6 +111,14 @@ class Examples:
     def __len__(self) -> int:
         return len(self.heads)
 
+    @cached_property
+    def content_hash(self) -> int:
+        """The content as a non-negative int64 (computed once per record): what places this source in a
+        cross-validation fold and names its rows in cached Gram matrices."""
+        h = hashlib.sha256(repr((self.heads, self.labels)).encode())
+        h.update(self.embeddings.to(torch.float16).numpy().tobytes())   # as stored: decoded records hash the same
+        return int.from_bytes(h.digest()[:8], "little") >> 1
+
     def to_bytes(self) -> bytes:
         """A compact, pickle-free encoding: a JSON header, then float16 rows."""
         header = json.dumps({"task": self.task, "heads": list(self.heads), "labels": list(self.labels),
@@ -134,7 +147,7 @@ class HeadIndex:
 
     keys: torch.Tensor                  # (M, D) float32
     labels: tuple[str | None, ...]
-    groups: torch.Tensor                # (M,) source number, for cross-validation folds
+    groups: torch.Tensor                # (M,) its source's content hash (int64), for cross-validation folds
 
 
 @dataclass(frozen=True)
@@ -164,22 +177,35 @@ class Memory:
     outcomes: tuple[tuple[float, bool], ...] = ()   # every annotation's (predicted score, kept): the calibration
     _fitted: dict = field(default_factory=dict, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _grams: _GramCache = field(default_factory=lambda: _GramCache(), repr=False, compare=False)
 
     @classmethod
-    def build(cls, examples: Iterable[Examples]) -> Memory:
+    def build(cls, examples: Iterable[Examples], previous: Memory | None = None) -> Memory:
+        """The memory of these sources (annotations). ``previous``: the same project's memory at an earlier
+        state, whose per-fold Gram matrices are reused where a fold kept its sources."""
         rows: dict[str, tuple[list[torch.Tensor], list[str | None], list[int]]] = {}
-        size, outcomes = 0, []
-        for group, ex in enumerate(examples):
+        size, outcomes, hashes = 0, [], []
+        for ex in examples:   # per source and head, not per row: a refit reads 2,000 rows
+            group = ex.content_hash
+            hashes += [group] if len(ex) else []
             outcomes += ex.outcomes
-            for i, head in enumerate(ex.heads):
+            size += len(ex)
+            for head in dict.fromkeys(ex.heads):
                 keys, labels, groups = rows.setdefault(head, ([], [], []))
-                keys.append(ex.embeddings[i]), labels.append(ex.labels[i]), groups.append(group)
-                size += 1
-        heads = {head: HeadIndex(torch.stack(keys).float(), tuple(labels), torch.tensor(groups))
+                if all(h == head for h in ex.heads):
+                    keys.append(ex.embeddings), labels.extend(ex.labels)
+                else:
+                    chosen = [i for i, h in enumerate(ex.heads) if h == head]
+                    keys.append(ex.embeddings[chosen]), labels.extend(ex.labels[i] for i in chosen)
+                groups.append(group)
+        heads = {head: HeadIndex(torch.cat(keys).float(), tuple(labels),
+                                 torch.repeat_interleave(torch.tensor(groups), torch.tensor([len(k) for k in keys])))
                  for head, (keys, labels, groups) in rows.items()}
-        token = _digest(heads) if size else ""
+        token = hashlib.sha256(repr(hashes).encode()).hexdigest()[:16] if size else ""
         if outcomes:   # the outcomes shape the scores: a new one is a new state
             token = hashlib.sha256(f"{token}:{outcomes}".encode()).hexdigest()[:16]
+        if previous is not None:
+            return cls(heads, token, size, tuple(outcomes), _grams=previous._grams)
         return cls(heads, token, size, tuple(outcomes))
 
     def __len__(self) -> int:
@@ -201,7 +227,8 @@ class Memory:
             if key in self._fitted:
                 return self._fitted[key]
         index = self.heads.get(head)
-        fitted = fit_head(index, labelset, zero_shot, settings) if index is not None else None
+        grams = partial(self._grams.fold_grams, variant=(head, labelset.labels))
+        fitted = fit_head(index, labelset, zero_shot, settings, grams) if index is not None else None
         with self._lock:
             self._fitted[key] = fitted
         return fitted
@@ -218,83 +245,118 @@ def adjust_logits(memory: Memory, head: str, embeddings: torch.Tensor, logits: t
 
 
 def fit_head(index: HeadIndex, labelset: LabelSet, zero_shot: ZeroShot,
-             settings: AdapterSettings = AdapterSettings()) -> FittedHead | None:
+             settings: AdapterSettings = AdapterSettings(), grams: FoldGrams | None = None) -> FittedHead | None:
     """GDA over the labels of ``labelset`` that have examples (and background), its temperature and margin chosen
-    by cross-validation; None when zero-shot alone does as well."""
+    by cross-validation; None when zero-shot alone does as well. ``grams``: where per-fold Gram matrices come
+    from (a project's cache; default: computed)."""
     n = len(labelset.labels)
     column = {label: i for i, label in enumerate(labelset.labels)}
     targets = torch.tensor([column.get(label, -1) if label is not None else n for label in index.labels])
     usable = targets >= 0
-    keys, targets, groups = index.keys[usable], targets[usable], index.groups[usable]
+    keys, groups = index.keys, index.groups
+    if not usable.all():   # examples of labels the config no longer has
+        keys, targets, groups = keys[usable], targets[usable], groups[usable]
     if len(targets.unique()) < 2:
         return None   # one class: nothing to tell apart
     zs = _with_background_column(zero_shot(keys), n, bool((targets == n).any()))
     right = zs.argmax(1).clamp(max=n) == targets          # what zero-shot alone names right
     folds = _folds(groups, settings.folds)
-    stats = _Statistics(keys, targets, zs[:, :n].argmax(1), folds)
+    fold_grams = grams(keys, groups, folds) if grams is not None else None
+    stats = _Statistics(keys, targets, zs[:, :n].argmax(1), folds, settings.shrinkage, fold_grams)
     temperatures = torch.tensor(settings.temperatures)[:, None, None, None]   # the grid on leading dimensions
     margins = torch.tensor(settings.margins)[None, :, None, None]
     value, baseline = torch.zeros(len(settings.temperatures), len(settings.margins)), 0.0
-    for fold in folds.unique().tolist():
+    for fold in range(len(stats.counts)):
         held = folds == fold
-        train = stats.without(fold)
-        if int((train.counts > 0).sum()) < 2:
+        fitted = stats.gda(n, without=fold)
+        if fitted is None:
             continue
         baseline += float(right[held].sum())
-        classes, weights, bias, learned = train.gda(settings.shrinkage, n)
+        classes, weights, bias, learned = fitted
         scores = temperatures * (keys[held] @ weights.T + bias)
         predicted = _combine(zs[held], scores, classes, learned, margins, n).argmax(-1).clamp(max=n)
         wrong = predicted != targets[held]
         value += (~wrong).sum(-1) - settings.harm * (wrong & right[held]).sum(-1)
     best = int(torch.argmax(value))   # the first best: the lowest temperature and margin among ties
-    classes, weights, bias, learned = stats.without(None).gda(settings.shrinkage, n)
+    classes, weights, bias, learned = stats.gda(n)
     if value.flatten()[best] <= baseline or not learned.any():
         return None
     t, m = divmod(best, len(settings.margins))
     return FittedHead(classes, weights, bias, learned, settings.temperatures[t], settings.margins[m])
 
 
+class _GramCache:
+    """Per-fold Gram matrices (the costly part of a refit: examples x dimensions squared), kept across a project's
+    memory states: one new annotation changes one fold, so a refit computes one fold's Gram instead of all. A fold
+    is named by its number, size and its sources' content hashes in order, so a hit is the same rows in the same
+    order: the same matrix."""
+
+    def __init__(self, size: int = 16, min_rows: int = 128):
+        self._cache: LRUCache = LRUCache(size)
+        self._lock = threading.Lock()
+        self.min_rows = min_rows   # smaller folds are recomputed (under 1.5 ms at 512 dimensions), not kept
+        self.computed = 0          # Gram matrices computed, cached or not
+
+    def fold_grams(self, keys: torch.Tensor, groups: torch.Tensor, folds: torch.Tensor,
+                   variant=None) -> list[torch.Tensor]:
+        """Each fold's (D, D) Gram matrix. ``variant``: what else decides the rows of ``keys`` (the head, and
+        the labels whose examples are used)."""
+        out = []
+        for fold in range(int(folds.max()) + 1):
+            rows = folds == fold
+            name = (variant, fold, int(rows.sum()), keys.shape[1], tuple(groups[rows].unique_consecutive().tolist()))
+            with self._lock:
+                gram = self._cache.get(name)
+            if gram is None:
+                gram = keys[rows].T @ keys[rows]
+                with self._lock:
+                    self.computed += 1
+                    if len(gram) and int(rows.sum()) >= self.min_rows:
+                        self._cache[name] = gram
+            out.append(gram)
+        return out
+
+
 class _Statistics:
     """Per fold: the Gram matrix, per-class sums and counts, and how many of each class zero-shot named right.
     Every fold's GDA comes from these sums, so the examples are read once however many folds there are."""
 
-    def __init__(self, keys, targets, named, folds, classes=None, gram=None, sums=None, counts=None, hits=None):
-        if gram is None:
-            classes = targets.unique()
-            onehot = torch.nn.functional.one_hot(torch.searchsorted(classes, targets), len(classes)).float()
-            ids = folds.unique().tolist()
-            gram = torch.stack([keys[folds == f].T @ keys[folds == f] for f in ids])
-            sums = torch.stack([onehot[folds == f].T @ keys[folds == f] for f in ids])
-            counts = torch.stack([onehot[folds == f].sum(0) for f in ids])
-            hits = torch.stack([onehot[(folds == f) & (named == targets)].sum(0) for f in ids])
-            self.fold_ids = ids
-        self.classes, self.gram, self.sums, self.counts, self.hits = classes, gram, sums, counts, hits
-        self.totals = None
+    def __init__(self, keys: torch.Tensor, targets: torch.Tensor, named: torch.Tensor, folds: torch.Tensor,
+                 shrinkage: float, grams: list[torch.Tensor] | None = None):
+        self.classes, self.shrinkage = targets.unique(), shrinkage
+        shape = (int(folds.max()) + 1, len(self.classes))
+        cell = folds * shape[1] + torch.searchsorted(self.classes, targets)     # (fold, class) of each example
+        size = shape[0] * shape[1]
+        self.sums = keys.new_zeros(size, keys.shape[1]).index_add_(0, cell, keys).view(*shape, -1)
+        self.counts = torch.bincount(cell, minlength=size).float().view(shape)
+        self.hits = torch.bincount(cell[named == targets], minlength=size).float().view(shape)
+        if grams is None:
+            grams = [keys[folds == f].T @ keys[folds == f] for f in range(shape[0])]
+        self.grams = grams
+        self.totals = [part.sum(0) for part in (self.sums, self.counts, self.hits)] + [sum(grams)]
 
-    def without(self, fold: int | None) -> _Statistics:
-        """The totals over every fold but ``fold`` (None: over all)."""
-        parts = (self.gram, self.sums, self.counts, self.hits)
-        totals = [part.sum(0) for part in parts] if self.totals is None else self.totals
-        self.totals = totals
-        if fold is not None:
-            i = self.fold_ids.index(fold)
-            totals = [total - part[i] for total, part in zip(totals, parts)]
-        return _Statistics(None, None, None, None, self.classes, *totals)
-
-    def gda(self, shrinkage: float, n: int):
-        """GDA (class means, one shared covariance shrunk towards its average variance; scores whose scale does
-        not depend on the embedding size), and which classes the memory decides: background, and labels whose
-        examples zero-shot named right less than half of the time."""
-        present = self.counts > 0
-        classes, counts = self.classes[present], self.counts[present]
-        means = self.sums[present] / counts[:, None]
-        covariance = (self.gram - (means.T * counts) @ means) / counts.sum()
-        dims = covariance.shape[0]
-        average = float(covariance.trace()) / dims + 1e-6
-        shrunk = (1 - shrinkage) * covariance + (shrinkage * average + 1e-6) * torch.eye(dims)
+    def gda(self, n: int, without: int | None = None):
+        """GDA over the examples outside fold ``without`` (None: all): class means and one shared covariance shrunk
+        towards its average variance (scores whose scale does not depend on the embedding size), as (classes,
+        weights, bias, learned); None when fewer than two classes are left. The memory decides (``learned``)
+        background and labels whose examples zero-shot named right less than half of the time."""
+        parts = self.totals
+        if without is not None:
+            parts = [total - part[without] for total, part in zip(parts, (self.sums, self.counts, self.hits,
+                                                                            self.grams))]
+        sums, counts, hits, gram = parts
+        present = counts > 0
+        if int(present.sum()) < 2:
+            return None
+        classes, counts = self.classes[present], counts[present]
+        means = sums[present] / counts[:, None]
+        total = float(counts.sum())
+        shrunk = torch.addmm(gram, means.T * counts, means, alpha=-1)         # the scatter around the class means
+        average = float(shrunk.trace()) / (len(shrunk) * total) + 1e-6         # the covariance's average variance
+        shrunk.mul_((1 - self.shrinkage) / total).diagonal().add_(self.shrinkage * average + 1e-6)
         weights = torch.cholesky_solve(means.T, torch.linalg.cholesky(shrunk)).T * average
         bias = -0.5 * (weights * means).sum(1)
-        learned = (classes >= n) | (2 * self.hits[present] < counts)
+        learned = (classes >= n) | (2 * hits[present] < counts)
         return classes, weights, bias, learned
 
 
@@ -328,19 +390,17 @@ def _with_background_column(logits: torch.Tensor, n: int, needed: bool) -> torch
 
 
 def _folds(groups: torch.Tensor, folds: int) -> torch.Tensor:
-    """Fold per example: by source (annotation) when there are several, else by example."""
-    distinct = groups.unique()
-    if len(distinct) >= 2:
-        rank = torch.searchsorted(distinct, groups)
-        return rank % min(folds, len(distinct))
+    """Fold per example, numbered from 0: by source (annotation) when there are several, else by example. With
+    many sources, a source's fold comes from its content hash alone, so a new annotation leaves every other
+    source in its fold (and the other folds' Gram matrices cached); with fewer (under 20 per fold, where hashing
+    leaves folds uneven, which measurably made cross-validation pick worse on the shapes world), round robin in
+    source order."""
+    changes = torch.ones(len(groups), dtype=torch.long)
+    changes[1:] = groups[1:] != groups[:-1]                   # a source's rows are consecutive
+    sources = int(changes.sum())
+    if sources >= 20 * folds:
+        return groups % folds
+    if sources >= 2:
+        return (changes.cumsum(0) - 1) % min(folds, sources)
     return torch.arange(len(groups)) % max(2, min(folds, len(groups)))
 
-
-def _digest(heads: dict[str, HeadIndex]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(heads):
-        h.update(name.encode() + b"\0")
-        h.update(json.dumps(heads[name].labels).encode())
-        h.update(heads[name].keys.to(torch.float16).numpy().tobytes())
-        h.update(heads[name].groups.numpy().tobytes())
-    return h.hexdigest()[:16]

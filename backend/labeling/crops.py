@@ -23,6 +23,24 @@ def crop_regions(boxes: torch.Tensor, settings: CropSettings) -> torch.Tensor:
     return torch.cat([centre - half, centre + half], 1)
 
 
+# How an annotated box is seen when it is learned from: the box itself, scaled, and shifted by a tenth of its
+# size each way (its mirror image is added by flipping the box's crop). Proposals a detector draws around the
+# same object land about this far off, so the mean of these views is what a proposal of it looks like to CLIP.
+VIEWS = ((1.0, 0.0, 0.0), (0.85, 0.0, 0.0), (1.15, 0.0, 0.0), (1.0, -0.1, 0.0), (1.0, 0.1, 0.0), (1.0, 0.0, -0.1),
+         (1.0, 0.0, 0.1))
+
+
+def view_boxes(boxes: torch.Tensor) -> torch.Tensor:
+    """(N, 4) xyxy boxes → (V * N, 4): each of ``VIEWS`` (scale, x shift, y shift) of every box, view-major."""
+    boxes = boxes.float().reshape(-1, 4)
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    sides = boxes[:, 2:] - boxes[:, :2]
+    views = torch.tensor(VIEWS)
+    centres = centre[None] + views[:, None, 1:] * sides[None]
+    halves = views[:, None, :1] * sides[None] / 2
+    return torch.cat([centres - halves, centres + halves], -1).reshape(-1, 4)
+
+
 def cut_crops(image: torch.Tensor, regions: torch.Tensor, size: int,
               mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Resample ``regions`` of a (3, H, W) uint8 or [0, 1] float image to normalised (N, 3, size, size).

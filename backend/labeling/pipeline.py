@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .clip import Clip
-from .crops import CropSettings, crop_regions, cut_crops
+from .crops import VIEWS, CropSettings, crop_regions, cut_crops, view_boxes
 from .detections import Choice, Detections, ImageLabels
 from .prompts import LabelSet
 from .proposals import Proposals, Proposer
@@ -95,6 +95,19 @@ class Labeler:
                  for image, b in zip(images, boxes)]
         embeddings = self.clip.embed_pixels(torch.cat(crops))
         return list(embeddings.split([len(b) for b in boxes]))
+
+    def embed_examples(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """What an annotated box teaches the memory: the mean embedding of its views (``crops.VIEWS`` and the
+        mirror image of the box's crop), unit length. On the shapes world it names new labels 5-12 points better
+        after 4-16 corrections than the box's own embedding does (bench/corrections.py)."""
+        boxes = boxes.float().reshape(-1, 4)
+        if len(boxes) == 0:
+            return torch.zeros(0, self.clip.model.config.projection_dim)
+        spec = self.clip.pixels
+        crops = cut_crops(image, crop_regions(view_boxes(boxes), self.crops), spec.size, spec.mean, spec.std)
+        crops = torch.cat([crops, crops[:len(boxes)].flip(-1)])
+        embeddings = self.clip.embed_pixels(crops).reshape(len(VIEWS) + 1, len(boxes), -1)
+        return torch.nn.functional.normalize(embeddings.mean(0), dim=-1)
 
     def embed_whole(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
         full = [torch.tensor([[0.0, 0.0, image.shape[2], image.shape[1]]]) for image in images]
