@@ -54,6 +54,7 @@ class Settings:
     crop_context: float = setting(1.0, "scale crops around the box centre (1.25 shows 25 % context)")
     crop_square: bool = setting(False, "crop a square around the whole box (else CLIP's centre square of the short side)")
     crop_min_size: float = setting(0.0, "grow smaller boxes to this many pixels before cropping (context for tiny objects)")
+    crop_mirror: bool = setting(False, "embed each crop and its mirror image and keep their mean: twice the CLIP work per box; on the tiny world known labels 2.6 points more accurate zero-shot, and with LEARNING_HARM=0 new labels right 0.50 / 0.61 of the time after 4 / 16 corrections (see README, Learning); also applies with --demo")
     prompt_template: str = setting(DEFAULT_TEMPLATE, "default prompt template(s) for labels without prompts; `;` separates several (averaged)")
     background_prompts: str = setting(";".join(DEFAULT_BACKGROUND), "default background prompt(s), `;`-separated; regions won by one are dropped")
     clip_batch_size: int = setting(32, "crops per CLIP forward pass")
@@ -130,11 +131,13 @@ class Settings:
                                      max_proposals=self.max_proposals, input_size=self.detector_input_size or None)
         common = dict(device=self.device, clip_batch_size=self.clip_batch_size, proposals=proposals,
                       offline=self.offline, precision=self.precision, runtime=self.runtime, cache_dir=self.model_dir)
-        if self.demo:
-            return tiny_spec(**common)
+        if self.demo:   # the crop recipe the tiny CLIP was trained for; mirroring is the user's
+            spec = tiny_spec(**common)
+            return dataclasses.replace(spec, crops=dataclasses.replace(spec.crops, mirror=self.crop_mirror))
         return ModelSpec(clip_model=self.clip_model, detector=self.detector,
                          detector_weights=self.detector_weights or None, detector_url=self.detector_weights_url or None,
-                         crops=CropSettings(self.crop_context, self.crop_square, self.crop_min_size), **common)
+                         crops=CropSettings(self.crop_context, self.crop_square, self.crop_min_size, self.crop_mirror),
+                         **common)
 
     def project_config(self, xml: str) -> ProjectConfig:
         """A project's label config as every entry point reads it (server, worker, learner, ``label --config``):

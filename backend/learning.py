@@ -78,9 +78,10 @@ class Learned:
 
 def embedding_space(spec: ModelSpec) -> str:
     """Identifies what produced the embeddings: the CLIP model (its files) and the crop settings; not the
-    precision or the runtime (their embeddings agree with torch fp32's, so learned memory carries over)."""
+    precision or the runtime (their embeddings agree with torch fp32's, so learned memory carries over), nor
+    mirroring (stored examples are the mean of views that include the mirror image either way)."""
     return replace(spec, detector="", detector_weights=None, proposals=ProposalSettings(),
-                   precision="fp32", runtime="torch").fingerprint
+                   precision="fp32", runtime="torch", crops=replace(spec.crops, mirror=False)).fingerprint
 
 
 def source_key(annotation_id) -> str:

@@ -1,6 +1,6 @@
 """What corrections buy: zero-shot vs the few-shot memory after k corrected examples per class, tiny models.
 
-    python bench/corrections.py [--scenes 300] [--pool 300] [--draws 3] [--tune] [--tiny]
+    python bench/corrections.py [--scenes 300] [--pool 300] [--draws 3] [--tune] [--tiny] [--mirror] [--harm H]
 
 The shapes world has 6 KNOWN shapes the tiny CLIP was trained on and 2 NOVEL ones (diamond, pentagon) it never
 saw: zero-shot labels those as the nearest known shape. The label set has all 8 shapes plus the background
@@ -114,12 +114,13 @@ class World:
         return self.labeler.name(self.features, {HEAD: self.labelset}, adjust)
 
 
-def calibration(world: World, memory: Memory, corrected: int = 16) -> tuple[float, float, float]:
+def calibration(world: World, memory: Memory, settings: AdapterSettings,
+                corrected: int = 16) -> tuple[float, float, float]:
     """ECE of the raw and the calibrated keep-probabilities, and the task ranking AUROC: the calibrator learns
     from the first ``corrected`` held-out scenes as an annotator corrected them (kept = right box and label),
     the rest are scored."""
     rows = []   # scene, label probability, kept
-    for i, (scene, result) in enumerate(zip(world.test, world.predict(memory))):
+    for i, (scene, result) in enumerate(zip(world.test, world.predict(memory, settings))):
         found = result.regions[HEAD]
         predicted = [Region(tuple(b), label) for b, label in zip(found.boxes.tolist(), found.labels)]
         truth = [Region(tuple(o.box), o.shape) for o in scene.objects]
@@ -219,13 +220,16 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a few scenes, one draw: the test suite's smoke run")
     parser.add_argument("--clip", help="CLIP directory (default: the bundled tiny model)")
     parser.add_argument("--detector-weights", help="detector state dict (default: the bundled tiny one)")
+    parser.add_argument("--mirror", action="store_true", help="CROP_MIRROR: embed each crop with its mirror image")
+    parser.add_argument("--harm", type=float, help="LEARNING_HARM (default: the learner's)")
     args = parser.parse_args()
     if args.tiny:
         args.scenes, args.pool, args.draws = 12, 40, 1
     torch.manual_seed(0)
     started = time.time()
     overrides = {k: v for k, v in (("clip_model", args.clip), ("detector_weights", args.detector_weights)) if v}
-    labeler = build_labeler(tiny_spec(**overrides))
+    spec = tiny_spec(**overrides)
+    labeler = build_labeler(replace(spec, crops=replace(spec.crops, mirror=args.mirror)))
     labelset = LabelSet.build(SHAPES)
     world = World(labeler, labelset, 2000, args.pool, 4000 if args.tune else 3000, args.scenes)
     print(f"{len(world.objects)} pool objects, {len(world.background)} background candidates; "
@@ -234,7 +238,7 @@ def main() -> None:
     if args.tune:
         tune(world, args.draws)
         return
-    settings = AdapterSettings()
+    settings = AdapterSettings() if args.harm is None else AdapterSettings(harm=args.harm)
     print(f"few-shot memory: GDA, shrinkage {settings.shrinkage:g}, temperature and margin cross-validated from "
           f"{settings.temperatures} x {settings.margins}, harm {settings.harm:g}; "
           f"mean of {args.draws} draws of corrected scenes\n")
@@ -267,7 +271,7 @@ def main() -> None:
     print(f"novel accuracy after 4 / 16 shots: {rows[4]['novel_acc']:.3f} / {rows[16]['novel_acc']:.3f}")
     worst = min(rows[k]["known_acc"] - rows[0]["known_acc"] for k in SHOTS)
     print(f"worst known-accuracy change vs zero-shot: {100 * worst:+.1f} points")
-    before, after, auroc = calibration(world, world.memory(16, 0))
+    before, after, auroc = calibration(world, world.memory(16, 0), settings)
     print(f"calibration error before / after: {before:.3f} / {after:.3f}")
     print(f"task ranking AUROC: {auroc:.2f}")
     print(f"gain after 16 shots: {100 * (rows[16]['all_recall'] - rows[0]['all_recall']):+.1f} points")

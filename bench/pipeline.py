@@ -5,9 +5,9 @@
 
 Also in the same run: the default (``PRECISION=auto``, ``RUNTIME=auto``) vs fp32 end to end and per stage, with the
 CLIP embeddings' agreement, and vs torch at the default precision when the default runtime is another; the
-``PROFILE=cpu`` detector end to end; interactive box → label latency; and the peak RSS of a fresh process holding
-the default models (child processes, so this one's extra copies do not count), on a first start (converting, when
-the runtime converts) and on a second (reading the converted models from the cache).
+``PROFILE=cpu`` detector end to end; what ``CROP_MIRROR`` adds; interactive box → label latency; and the peak RSS
+of a fresh process holding the default models (child processes, so this one's extra copies do not count), on a
+first start (converting, when the runtime converts) and on a second (reading the converted models from the cache).
 
 Real architectures: CLIP ViT-B/32 and the chosen Faster R-CNN, with real weights when they are on this
 machine and random weights otherwise (speed does not depend on weight values; the output says which).
@@ -261,6 +261,9 @@ def main() -> None:
     crops = torch.cat([cut_crops(i, crop_regions(b, RECIPE_CROPS), spec.size, spec.mean, spec.std)
                        for i, b in zip(images, boxes)])
     cosine = centred_cosine(fp32_clip, clip, crops)
+    # CROP_MIRROR: each crop and its mirror image through CLIP (what embed_boxes does), against the crops alone.
+    _, single = timed(lambda: clip.embed_pixels(crops))
+    _, mirrored = timed(lambda: clip.embed_pixels(torch.cat([crops, crops.flip(-1)])))
 
     # The CPU profile's detector with the default CLIP, same images and crops.
     if args.tiny:
@@ -313,6 +316,8 @@ def main() -> None:
     if runtime == "openvino":
         print(f"peak RSS on a first start (converting to OpenVINO): {first:.2f} GiB")
     shutil.rmtree(work, ignore_errors=True)
+    print(f"CROP_MIRROR: CLIP stage {mirrored / single:.1f}x the time, end to end "
+          f"+{(mirrored - single) / total:.0%} ({default})")
     print(f"cpu profile detector: {cpu_name}, {default}")
     batched_total = naive_total - naive_seconds + fp32_classify
     print(f"end-to-end speedup (fp32, batched vs naive): {naive_total / batched_total:.1f}x")

@@ -72,3 +72,20 @@ def test_the_learning_harm_setting_reaches_the_learner_and_its_version():
     assert len(methods) == 2                       # another trade-off is another model version
     with pytest.raises(SettingsError, match="LEARNING_HARM"):
         Settings.from_env({"LEARNING_HARM": "-1"})
+
+
+def test_crop_mirror_reaches_the_crops_with_or_without_demo_and_only_then_changes_the_fingerprint():
+    from backend.labeling.specs import CropSettings, ModelSpec
+    from backend.learning import embedding_space
+
+    for demo in (False, True):
+        settings = Settings.from_env({"CROP_MIRROR": "true"}).replace(demo=demo)
+        assert settings.model_spec().crops.mirror
+        assert not settings.replace(crop_mirror=False).model_spec().crops.mirror
+    assert Settings.from_env({"CROP_MIRROR": "true"}).replace(demo=True).model_spec().crops.square   # tiny recipe kept
+    spec = ModelSpec(clip_model="openai/clip-vit-base-patch32", detector="fasterrcnn_resnet50_fpn_v2",
+                     crops=CropSettings(1.25, True, 16), precision="fp32", runtime="torch", device="cpu")
+    assert spec.fingerprint == "df9d8774f539"       # as before CROP_MIRROR existed: learned memory keeps its key
+    mirrored = ModelSpec(**{**spec.__dict__, "crops": CropSettings(1.25, True, 16, mirror=True)})
+    assert mirrored.fingerprint != spec.fingerprint          # another model version: tasks are predicted again
+    assert embedding_space(mirrored) == embedding_space(spec)   # the same memory: examples are stored alike

@@ -105,6 +105,25 @@ def test_an_example_is_the_mean_of_its_views_embeddings(labeler, known_scenes):
     assert labeler.embed_examples(image, torch.zeros(0, 4)).shape == (0, examples.shape[1])
 
 
+def test_mirrored_crops_embed_as_the_mean_of_both_and_name_known_shapes_better(labeler, known_scenes):
+    """CROP_MIRROR: each crop and its mirror image go through CLIP, their mean is the embedding. On these 60 scenes
+    (185 boxes) it measured label accuracy 0.928 -> 0.967 with the same boxes found; asserted: at least 0.01 (2
+    boxes) better, recall and precision within 0.01."""
+    mirrored = Labeler(labeler.clip, labeler.proposer, replace(labeler.crops, mirror=True))
+    scene = next(s for s in known_scenes if len(s.objects) >= 2)
+    image = scene_tensor(scene.image)
+    boxes = torch.tensor([o.box for o in scene.objects], dtype=torch.float32)
+    spec = labeler.clip.pixels
+    crops = cut_crops(image, crop_regions(boxes, labeler.crops), spec.size, spec.mean, spec.std)
+    expected = F.normalize(labeler.clip.embed_pixels(crops) + labeler.clip.embed_pixels(crops.flip(-1)), dim=-1)
+    torch.testing.assert_close(mirrored.embed_boxes([image], [boxes], mirrored.crops)[0], expected,
+                               rtol=1e-4, atol=1e-5)
+    plain, both = (score_scenes(lab, known_scenes, KNOWN) for lab in (labeler, mirrored))
+    print(f"\nlabels {plain.label_accuracy:.3f} -> {both.label_accuracy:.3f} with mirrored crops")
+    assert both.label_accuracy >= plain.label_accuracy + 0.01
+    assert abs(both.recall - plain.recall) <= 0.01 and abs(both.precision - plain.precision) <= 0.01
+
+
 def test_whole_image_choices_name_close_ups(labeler):
     """Whole-image classification, single- and multi-label. The tiny CLIP learned from object close-ups (it
     cannot read a 10-px object in a 160-px scene shrunk to 64 px), so the images here are close-ups."""

@@ -91,9 +91,13 @@ class Labeler:
         if not boxes:
             return []
         spec = self.clip.pixels
-        crops = [cut_crops(image, crop_regions(b, settings), spec.size, spec.mean, spec.std)
-                 for image, b in zip(images, boxes)]
-        embeddings = self.clip.embed_pixels(torch.cat(crops))
+        crops = torch.cat([cut_crops(image, crop_regions(b, settings), spec.size, spec.mean, spec.std)
+                           for image, b in zip(images, boxes)])
+        if settings.mirror:
+            both = self.clip.embed_pixels(torch.cat([crops, crops.flip(-1)])).view(2, len(crops), -1)
+            embeddings = torch.nn.functional.normalize(both.mean(0), dim=-1)
+        else:
+            embeddings = self.clip.embed_pixels(crops)
         return list(embeddings.split([len(b) for b in boxes]))
 
     def embed_examples(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:

@@ -19,11 +19,13 @@ class CropSettings:
     centred square of the short side). ``square`` keeps the whole object instead; ``context`` grows the region
     around its centre to show surroundings; ``min_size`` grows tiny boxes to at least that many pixels first,
     so a 6-px blob is seen at its real scale instead of magnified into a look-alike of a large object.
+    ``mirror`` embeds each crop and its mirror image and keeps their mean (two CLIP passes per box).
     """
 
     context: float = 1.0
     square: bool = False
     min_size: float = 0.0
+    mirror: bool = False
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,8 @@ class ModelSpec:
         state["precision"] = self.resolved_precision   # what runs, not what was asked: `auto` differs per machine
         if state["precision"] == "int8":   # a change of quantisation scheme changes the predictions
             state["precision"] = "int8/per-channel"
+        if not self.crops.mirror:   # crop recipes from before ``mirror`` keep their fingerprints (learned memory's key)
+            state["crops"].pop("mirror")
         state.pop("runtime")
         if self.resolved_runtime != "torch":   # torch keeps the fingerprints from before RUNTIME (learned memory's key)
             state["runtime"] = self.resolved_runtime
