@@ -132,8 +132,7 @@ class Settings:
         common = dict(device=self.device, clip_batch_size=self.clip_batch_size, proposals=proposals,
                       offline=self.offline, precision=self.precision, runtime=self.runtime, cache_dir=self.model_dir)
         if self.demo:   # the crop recipe the tiny CLIP was trained for; mirroring is the user's
-            spec = tiny_spec(**common)
-            return dataclasses.replace(spec, crops=dataclasses.replace(spec.crops, mirror=self.crop_mirror))
+            return tiny_spec(mirror=self.crop_mirror, **common)
         return ModelSpec(clip_model=self.clip_model, detector=self.detector,
                          detector_weights=self.detector_weights or None, detector_url=self.detector_weights_url or None,
                          crops=CropSettings(self.crop_context, self.crop_square, self.crop_min_size, self.crop_mirror),

@@ -228,8 +228,7 @@ def main() -> None:
     torch.manual_seed(0)
     started = time.time()
     overrides = {k: v for k, v in (("clip_model", args.clip), ("detector_weights", args.detector_weights)) if v}
-    spec = tiny_spec(**overrides)
-    labeler = build_labeler(replace(spec, crops=replace(spec.crops, mirror=args.mirror)))
+    labeler = build_labeler(tiny_spec(mirror=args.mirror, **overrides))
     labelset = LabelSet.build(SHAPES)
     world = World(labeler, labelset, 2000, args.pool, 4000 if args.tune else 3000, args.scenes)
     print(f"{len(world.objects)} pool objects, {len(world.background)} background candidates; "

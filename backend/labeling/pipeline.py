@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .clip import Clip
-from .crops import VIEWS, CropSettings, crop_regions, cut_crops, view_boxes
+from .crops import CropSettings, crop_regions, cut_crops, view_boxes
 from .detections import Choice, Detections, ImageLabels
 from .prompts import LabelSet
 from .proposals import Proposals, Proposer
@@ -93,11 +93,8 @@ class Labeler:
         spec = self.clip.pixels
         crops = torch.cat([cut_crops(image, crop_regions(b, settings), spec.size, spec.mean, spec.std)
                            for image, b in zip(images, boxes)])
-        if settings.mirror:
-            both = self.clip.embed_pixels(torch.cat([crops, crops.flip(-1)])).view(2, len(crops), -1)
-            embeddings = torch.nn.functional.normalize(both.mean(0), dim=-1)
-        else:
-            embeddings = self.clip.embed_pixels(crops)
+        embeddings = (self._mean_of_views(torch.cat([crops, crops.flip(-1)]), len(crops)) if settings.mirror
+                      else self.clip.embed_pixels(crops))
         return list(embeddings.split([len(b) for b in boxes]))
 
     def embed_examples(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
@@ -109,8 +106,11 @@ class Labeler:
             return torch.zeros(0, self.clip.model.config.projection_dim)
         spec = self.clip.pixels
         crops = cut_crops(image, crop_regions(view_boxes(boxes), self.crops), spec.size, spec.mean, spec.std)
-        crops = torch.cat([crops, crops[:len(boxes)].flip(-1)])
-        embeddings = self.clip.embed_pixels(crops).reshape(len(VIEWS) + 1, len(boxes), -1)
+        return self._mean_of_views(torch.cat([crops, crops[:len(boxes)].flip(-1)]), len(boxes))
+
+    def _mean_of_views(self, crops: torch.Tensor, boxes: int) -> torch.Tensor:
+        """(V * N, 3, S, S) crops of N boxes, view-major → (N, D): each box's mean embedding, unit length."""
+        embeddings = self.clip.embed_pixels(crops).reshape(-1, boxes, self.clip.model.config.projection_dim)
         return torch.nn.functional.normalize(embeddings.mean(0), dim=-1)
 
     def embed_whole(self, images: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -154,11 +154,13 @@ class ModelSpec:
         return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def tiny_spec(**overrides) -> ModelSpec:
-    """The bundled tiny models trained on the shapes world, with the crop settings they were trained for."""
+def tiny_spec(mirror: bool = False, **overrides) -> ModelSpec:
+    """The bundled tiny models trained on the shapes world, with the crop settings they were trained for
+    (``mirror``: ``CropSettings.mirror``, an inference choice the training does not fix)."""
     base = dict(clip_model=str(TINY_DIR / "clip"), detector="tiny_shapes",
                 detector_weights=str(TINY_DIR / "detector.pt"),
-                crops=CropSettings(context=1.25, square=True, min_size=16), precision="fp32", runtime="torch")
+                crops=CropSettings(context=1.25, square=True, min_size=16, mirror=mirror), precision="fp32",
+                runtime="torch")
     if overrides.get("precision") == "auto":
         # fast at fp32 already; in bf16 their learning from corrections gained less (precision +0.03, not +0.10)
         overrides["precision"] = "fp32"
