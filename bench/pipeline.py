@@ -50,7 +50,7 @@ from backend.labeling.factory import apply_runtime  # noqa: E402
 from backend.labeling.pipeline import Labeler  # noqa: E402
 from backend.labeling.prompts import LabelSet  # noqa: E402
 from backend.labeling.proposals import ProposalSettings, Proposer  # noqa: E402
-from backend.labeling.specs import TINY_DIR, resolve_precision, resolve_runtime  # noqa: E402
+from backend.labeling.specs import TINY_DIR, openvino_installed, resolve_precision, resolve_runtime  # noqa: E402
 
 WIDTH, HEIGHT = 800, 600
 # the detectors' own default score threshold: random weights score every SSD anchor ~1/91, and 0.0 would send
@@ -249,13 +249,15 @@ def main() -> None:
     fp32_stages = end_to_end(fp32_clip, Proposer(fp32_detector, BENCH_PROPOSALS), files, boxes,
                              labelset)
     stages = end_to_end(clip, proposer, files, boxes, labelset)
-    torch_variant = None   # (CLIP, stages) of torch at the default precision
-    if runtime != "torch" and precision == "fp32":
-        torch_variant = fp32_clip, fp32_stages
-    elif runtime != "torch":
-        torch_clip, torch_proposer = at_precision(fp32_clip, fp32_detector, precision)
-        torch_variant = torch_clip, end_to_end(torch_clip, torch_proposer, files, boxes, labelset)
-        del torch_proposer
+    # The other runtime at the default precision (what `auto` chose against), when it can run it.
+    other = "openvino" if runtime == "torch" else "torch"
+    other_variant = None   # (CLIP, stages) of the other runtime
+    if other == "torch" and precision == "fp32":
+        other_variant = fp32_clip, fp32_stages
+    elif other == "torch" or (openvino_installed() and precision in ("fp32", "bf16") and not args.tiny):
+        other_clip, other_proposer = at_precision(fp32_clip, fp32_detector, precision, other, cache_dir=cache)
+        other_variant = other_clip, end_to_end(other_clip, other_proposer, files, boxes, labelset)
+        del other_proposer
     images = [decode_image(f) for f in files]
     spec = clip.pixels
     crops = torch.cat([cut_crops(i, crop_regions(b, RECIPE_CROPS), spec.size, spec.mean, spec.std)
@@ -301,15 +303,15 @@ def main() -> None:
     print(f"CLIP embeddings {default} vs fp32: mean centred cosine {cosine:.4f} ({len(crops)} crops)")
     print(f"detector stage {default} vs fp32: {fp32_stages['detector'] / stages['detector']:.1f}x; "
           f"CLIP stage: {fp32_stages['clip'] / stages['clip']:.1f}x")
-    torch_latency = ""
-    if torch_variant:
-        torch_clip, torch_stages = torch_variant
-        print(f"default vs torch {precision} end-to-end speedup: {sum(torch_stages.values()) / total:.1f}x; "
-              f"detector stage {torch_stages['detector'] / stages['detector']:.1f}x, "
-              f"CLIP stage {torch_stages['clip'] / stages['clip']:.1f}x")
-        torch_latency = f"; torch {precision}: {interactive_seconds(torch_clip, files[0], labelset) * 1000:.0f} ms"
+    other_latency = ""
+    if other_variant:
+        other_clip, other_stages = other_variant
+        print(f"default vs {other} {precision} end-to-end speedup: {sum(other_stages.values()) / total:.1f}x; "
+              f"detector stage {other_stages['detector'] / stages['detector']:.1f}x, "
+              f"CLIP stage {other_stages['clip'] / stages['clip']:.1f}x")
+        other_latency = f"; {other} {precision}: {interactive_seconds(other_clip, files[0], labelset) * 1000:.0f} ms"
     print(f"interactive box -> label: {latency * 1000:.0f} ms (one box, decode included, warm, median of 5"
-          f"{torch_latency})")
+          f"{other_latency})")
     children = os.path.join(work, "rss")   # empty: the first child converts, the second reads its cache
     first = peak_rss(args, children)
     print(f"peak RSS, one process with the default models: {peak_rss(args, children):.2f} GiB")

@@ -32,7 +32,7 @@ def info_logs(caplog):
 
 
 def test_auto_is_openvino_at_bf16_on_a_cpu_and_torch_elsewhere():
-    assert resolve_runtime("auto", "cpu", "bf16") == "openvino"
+    assert resolve_runtime("auto", "cpu", "bf16") == "torch"   # 1.1-1.2x torch bf16 per part, 0.9x end to end
     assert resolve_runtime("auto", "cpu", "fp32") == "torch"   # 1.1-1.3x end to end for 0.7 GiB more: not worth it
     assert resolve_runtime("auto", "cuda", "fp16") == "torch"
     assert resolve_runtime("auto", "cpu", "int8") == "torch"   # torch's dynamic quantisation

@@ -29,8 +29,9 @@ def build_labeler(spec: ModelSpec, *, with_detector: bool = True) -> Labeler:
 
 def apply_runtime(clip: Clip, detector: nn.Module | None, precision: str, runtime: str,
                   cache_dir: str | None = None) -> None:
-    """The heavy parts, CLIP's image tower and the detector's backbone, at ``precision`` on ``runtime``, in place
-    (the rest stays torch fp32). OpenVINO's converted models are kept in ``cache_dir`` (None: not kept)."""
+    """The heavy parts, CLIP's image tower and the detector's backbone, at ``precision`` on ``runtime``, in place;
+    the detector's heads at ``precision`` in torch (the rest stays torch fp32). OpenVINO's converted models are
+    kept in ``cache_dir`` (None: not kept)."""
     if runtime == "torch":
         apply_to_image_tower(clip.image_tower, precision)
         if detector is not None:
@@ -43,6 +44,7 @@ def apply_runtime(clip: Clip, detector: nn.Module | None, precision: str, runtim
                                     [-1, 3, side, side], precision, cache_dir)
     clip.model.vision_model = clip.model.visual_projection = None   # the torch copy goes: its memory is freed
     if detector is not None:
+        apply_to_detector(detector, precision, backbone=False)
         # any image size: the detector resizes and pads each image to its own shape
         detector.backbone = compile_part("detector-backbone", detector.backbone, torch.rand(1, 3, 320, 320),
                                          [-1, 3, -1, -1], precision, cache_dir)

@@ -88,14 +88,16 @@ def openvino_installed() -> bool:
 
 def resolve_runtime(requested: str, device, precision: str) -> str:
     """What runs the heavy parts (CLIP's image tower, the detector's backbone) at the resolved ``precision`` on
-    ``device``. ``auto``: OpenVINO at bf16 on a CPU when it is installed (1.9x / 2.3x torch bf16 on the two parts;
-    see README, "Speed"), else torch: at fp32 it gained only 1.1-1.3x end to end and held 0.7 GiB more (2.8 GiB,
-    over the 2.5 GiB budget); CUDA and ``int8`` (torch's dynamic quantisation) always torch."""
+    ``device``. ``auto``: torch everywhere. OpenVINO (``openvino``) ran the two parts only 1.1-1.2x faster than
+    torch bf16 with the product's dynamic input shapes, under the 1.3x that would justify a second runtime, 0.9x
+    end to end once the detector's heads run bf16 in torch too, and its first start (converting) peaked at 2.7 GiB,
+    over the 2.5 GiB budget; at fp32 it gained 1.1-1.3x end to end for 0.7 GiB more (see README, "Speed").
+    CUDA and ``int8`` (torch's dynamic quantisation) are torch only."""
     if requested not in RUNTIMES:
         raise ValueError(f"RUNTIME={requested!r}: use one of {', '.join(RUNTIMES)}")
     cuda = device_type(device) == "cuda"
     if requested == "auto":
-        return "openvino" if not cuda and precision == "bf16" and openvino_installed() else "torch"
+        return "torch"
     if requested == "openvino":
         if cuda:
             raise ValueError("RUNTIME=openvino runs on a CPU: use DEVICE=cpu, or RUNTIME=torch on CUDA")
@@ -121,7 +123,7 @@ class ModelSpec:
     offline: bool = False                  # never download missing weights
     detector_url: str | None = None        # where to download the detector's weights (default torchvision's)
     precision: str = "auto"                # PRECISIONS; `auto` = the fastest that keeps the labels
-    runtime: str = "auto"                  # RUNTIMES; `auto` = OpenVINO on a CPU when installed
+    runtime: str = "auto"                  # RUNTIMES; `auto` = torch (OpenVINO only when asked for)
     cache_dir: str | None = None           # converted models are kept under it (in openvino/); None: not kept
 
     @property
@@ -140,7 +142,9 @@ class ModelSpec:
             state.pop(how_not_what)
         state["precision"] = self.resolved_precision   # what runs, not what was asked: `auto` differs per machine
         if state["precision"] == "int8":   # a change of quantisation scheme changes the predictions
-            state["precision"] = "int8/per-channel"
+            state["precision"] = "int8/per-channel/first-block-fp32"
+        elif state["precision"] in ("bf16", "fp16"):   # since the detector's heads run at it too
+            state["precision"] += "/heads"
         if not self.crops.mirror:   # crop recipes from before ``mirror`` keep their fingerprints (learned memory's key)
             state["crops"].pop("mirror")
         state.pop("runtime")
