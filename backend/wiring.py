@@ -50,4 +50,4 @@ def learning(settings: Settings, labeler: Labeler, fetcher: ImageFetcher,
 
 
 def adapter_settings(settings: Settings) -> AdapterSettings:
-    return AdapterSettings(harm=settings.learning_harm)
+    return AdapterSettings(harm=settings.learning_harm, repeats=settings.learning_repeats)

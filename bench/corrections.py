@@ -1,6 +1,7 @@
 """What corrections buy: zero-shot vs the few-shot memory after k corrected examples per class, tiny models.
 
     python bench/corrections.py [--scenes 300] [--pool 300] [--draws 3] [--tune] [--tiny] [--mirror] [--harm H]
+                                [--repeats R]
 
 The shapes world has 6 KNOWN shapes the tiny CLIP was trained on and 2 NOVEL ones (diamond, pentagon) it never
 saw: zero-shot labels those as the nearest known shape. The label set has all 8 shapes plus the background
@@ -222,6 +223,7 @@ def main() -> None:
     parser.add_argument("--detector-weights", help="detector state dict (default: the bundled tiny one)")
     parser.add_argument("--mirror", action="store_true", help="CROP_MIRROR: embed each crop with its mirror image")
     parser.add_argument("--harm", type=float, help="LEARNING_HARM (default: the learner's)")
+    parser.add_argument("--repeats", type=int, help="LEARNING_REPEATS (default: the learner's)")
     args = parser.parse_args()
     if args.tiny:
         args.scenes, args.pool, args.draws = 12, 40, 1
@@ -237,9 +239,11 @@ def main() -> None:
     if args.tune:
         tune(world, args.draws)
         return
-    settings = AdapterSettings() if args.harm is None else AdapterSettings(harm=args.harm)
+    chosen = {k: v for k, v in (("harm", args.harm), ("repeats", args.repeats)) if v is not None}
+    settings = AdapterSettings(**chosen)
     print(f"few-shot memory: GDA, shrinkage {settings.shrinkage:g}, temperature and margin cross-validated from "
-          f"{settings.temperatures} x {settings.margins}, harm {settings.harm:g}; "
+          f"{settings.temperatures} x {settings.margins}, harm {settings.harm:g}, {settings.repeats} fold "
+          f"assignment(s); "
           f"mean of {args.draws} draws of corrected scenes\n")
     print("| corrected examples per class | known: accuracy | known: recall | novel: accuracy | novel: recall "
           "| all: recall | precision |")

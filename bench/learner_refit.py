@@ -1,12 +1,13 @@
 """What one new annotation costs the learner: rebuilding a project's memory and refitting it, synthetic data.
 
-    python bench/learner_refit.py [--examples 2000] [--dims 64 512] [--rounds 5] [--tiny]
+    python bench/learner_refit.py [--examples 2000] [--dims 64 512] [--rounds 5] [--repeats R] [--tiny]
 
 A project holds ``--examples`` embedded examples (8 labels and background, 5 per annotation, unit vectors around
 per-label centres); one more annotation arrives and the memory is rebuilt from the previous state and refitted
 (GDA with its cross-validated temperature and margin), as the store and the next prediction do. Compared with the
 first fit of the same project (median of ``--rounds``); the target is < 50 ms per refit, so refitting can stay
-synchronous with storing.
+synchronous with storing. ``--repeats``: LEARNING_REPEATS (cross-validation over that many fold assignments
+while cheap: small projects).
 The last line is the refit time at the largest size.
 """
 from __future__ import annotations
@@ -42,20 +43,21 @@ def project(examples: int, dims: int, seed: int = 0) -> tuple[list[Examples], to
     return sources, text
 
 
-def fit(sources: list[Examples], text: torch.Tensor, previous: Memory | None = None) -> tuple[float, Memory]:
+def fit(sources: list[Examples], text: torch.Tensor, settings: AdapterSettings,
+        previous: Memory | None = None) -> tuple[float, Memory]:
     """Milliseconds to build the memory of ``sources`` (from the project's ``previous`` state, as the store does)
     and fit it, and the memory."""
     labelset = LabelSet.build(LABELS)
     started = time.perf_counter()
     memory = Memory.build(sources, previous)
-    memory.fitted("box", labelset, lambda e: 10.0 * e @ text.T, AdapterSettings())
+    memory.fitted("box", labelset, lambda e: 10.0 * e @ text.T, settings)
     return 1000 * (time.perf_counter() - started), memory
 
 
-def refit(sources: list[Examples], text: torch.Tensor) -> tuple[float, float]:
+def refit(sources: list[Examples], text: torch.Tensor, settings: AdapterSettings) -> tuple[float, float]:
     """(first fit, refit after the last source arrives), in ms."""
-    first, memory = fit(sources[:-1], text)
-    return first, fit(sources, text, memory)[0]
+    first, memory = fit(sources[:-1], text, settings)
+    return first, fit(sources, text, settings, memory)[0]
 
 
 def main() -> None:
@@ -63,6 +65,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 512])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=AdapterSettings().repeats)
     parser.add_argument("--tiny", action="store_true", help="a small project, one round: the smoke run")
     args = parser.parse_args()
     if args.tiny:
@@ -72,7 +75,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for dims in args.dims:
         sources, text = project(args.examples + PER_ANNOTATION, dims)
-        times = [refit(sources, text) for _ in range(args.rounds)]
+        times = [refit(sources, text, AdapterSettings(repeats=args.repeats)) for _ in range(args.rounds)]
         first, again = (statistics.median(t[i] for t in times) for i in (0, 1))
         print(f"| {dims} | {args.examples} | {first:.1f} | {again:.1f} |", flush=True)
     print(f"refit after one annotation, {args.examples} examples, {args.dims[-1]} dims: {again:.1f} ms "

@@ -5,7 +5,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backend.labeling.adapter import AdapterSettings, Examples, Memory, _folds, _Statistics, adjust_logits
+from backend.labeling.adapter import (
+    AdapterSettings,
+    Examples,
+    Memory,
+    _fold_assignments,
+    _folds,
+    _repeats,
+    _Statistics,
+    adjust_logits,
+)
 from backend.labeling.prompts import LabelSet
 
 
@@ -141,3 +150,39 @@ def test_a_refit_after_one_more_annotation_computes_one_folds_gram_and_fits_as_f
     assert torch.equal(fitted.weights, fresh.weights) and torch.equal(fitted.bias, fresh.bias)
     assert (fitted.temperature, fitted.margin) == (fresh.temperature, fresh.margin)
     assert after.token == Memory.build(sources).token != before.token
+
+
+def test_cross_validation_in_dual_form_scores_each_held_out_fold_as_the_primal_gda():
+    """With fewer examples than dimensions, a fold's GDA is solved as an examples x examples system over their
+    kernel: the held-out examples' scores, classes and learned labels must be the D x D solution's."""
+    g = torch.Generator().manual_seed(6)
+    keys = F.normalize(torch.randn(40, 64, generator=g, dtype=torch.float64), dim=-1)
+    targets = torch.tensor([0, 1, 1, 3] * 10)
+    named = torch.where(torch.arange(40) % 3 == 0, 0, targets)
+    folds = _folds(torch.arange(40) // 2, 5)
+    primal = _Statistics(keys, targets, named, folds, 0.3)
+    dual = _Statistics(keys, targets, named, folds, 0.3, kernel=keys @ keys.T)
+    for fold in range(5):
+        (classes, scores, learned), (dual_classes, dual_scores, dual_learned) = (
+            primal.held_scores(3, fold), dual.held_scores(3, fold))
+        assert torch.equal(classes, dual_classes) and torch.equal(learned, dual_learned)
+        torch.testing.assert_close(dual_scores, scores, rtol=1e-9, atol=1e-9)
+    assert primal.held_scores(3, 0)[0].tolist() == [0, 1, 3]
+
+
+def test_cross_validation_repeats_over_other_deals_of_the_sources_while_it_is_cheap():
+    """Small projects average cross-validation over several fold assignments (each source in one fold of each,
+    folds even, the same assignments for the same memory); at 2,000 examples x 512 dimensions one is kept, so a
+    refit stays as fast as before."""
+    groups = torch.repeat_interleave(torch.arange(1000, 1023) * 7919, 3)     # 23 sources of 3 rows
+    first, *others = assignments = _fold_assignments(groups, 5, 4)
+    assert len(assignments) == 4 and torch.equal(first, _folds(groups, 5))
+    for folds in others:
+        by_source = folds.view(23, 3)
+        assert (by_source == by_source[:, :1]).all()                         # a source stays whole
+        assert sorted(torch.bincount(by_source[:, 0]).tolist()) == [4, 4, 5, 5, 5]
+        assert not torch.equal(folds, first)
+    assert all(torch.equal(a, b) for a, b in zip(assignments, _fold_assignments(groups, 5, 4)))
+    settings = AdapterSettings(repeats=4)
+    assert _repeats(torch.zeros(300, 64), settings) == _repeats(torch.zeros(300, 512), settings) == 4
+    assert _repeats(torch.zeros(2000, 512), settings) == 1

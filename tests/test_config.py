@@ -72,6 +72,11 @@ def test_the_learning_harm_setting_reaches_the_learner_and_its_version():
     assert len(methods) == 2                       # another trade-off is another model version
     with pytest.raises(SettingsError, match="LEARNING_HARM"):
         Settings.from_env({"LEARNING_HARM": "-1"})
+    assert wiring.adapter_settings(Settings.from_env({"LEARNING_REPEATS": "4"})).repeats == 4
+    assert wiring.adapter_settings(Settings.from_env({"LEARNING_REPEATS": "4"})).method != AdapterSettings().method
+    for wrong in ("0", "17"):
+        with pytest.raises(SettingsError, match="LEARNING_REPEATS"):
+            Settings.from_env({"LEARNING_REPEATS": wrong})
 
 
 def test_crop_mirror_reaches_the_crops_with_or_without_demo_and_only_then_changes_the_fingerprint():

@@ -22,7 +22,9 @@ finds it more likely than all trusted labels together by ``margin`` (in log-odds
   (folds by annotation), scoring each held-out example named right +1 and each one that zero-shot alone named
   right but the memory breaks -``harm`` more; zero-shot alone is kept unless the memory scores better. Breaking
   what worked costs annotators more than a new label named late, and on the shapes world (bench/corrections.py
-  --tune) plain accuracy picked settings that cost known shapes 2 points;
+  --tune) plain accuracy picked settings that cost known shapes 2 points. Small projects can average
+  cross-validation over several ways of dealing their annotations into folds (``repeats``): a steadier choice,
+  affordable because a fold with fewer examples than dimensions is solved in dual form, over the examples' kernel;
 - a label without examples keeps its zero-shot logit (a label added to the config works at once);
 - background examples (predicted boxes the annotator deleted) are a learned class whose logit goes to the
   background prompts' columns, so crops like them are rejected. Without a background prompt, one background
@@ -51,6 +53,7 @@ from dataclasses import dataclass, field
 from functools import cached_property, partial
 
 import torch
+import torch.nn.functional as F
 from cachetools import LRUCache
 
 from .prompts import LabelSet
@@ -66,17 +69,21 @@ class AdapterSettings:
     estimated, 1 = plain class means); ``temperatures`` (of the GDA scores) and ``margins`` (log-odds a learned
     label needs over the trusted ones): what cross-validation picks from; ``harm``: the extra cost, in
     cross-validation, of an example zero-shot named right that the memory names wrong; ``folds``:
-    cross-validation folds. Chosen on the shapes world's validation scenes (bench/corrections.py --tune): the
+    cross-validation folds; ``repeats``: fold assignments cross-validation averages over, while cheap
+    (``_repeats``). Chosen on the shapes world's validation scenes (bench/corrections.py --tune): the
     novel-shape accuracy after 16 shots highest among the settings that kept known shapes within a point of
     zero-shot (shrinkage 0.3, harm 2: -0.9 points, novel 0.423 / 0.543 after 4 / 16; harm 0 and 1: -1.3;
     shrinkage 0.6: -1.3 to -2.1; temperatures 64/256/1024: novel 0.463 / 0.572 for -1.1, 0.463 / 0.550 for -1.0
-    with harm 3, but near-certain scores that rank tasks worse, AUROC 0.80 against 0.83)."""
+    with harm 3, but near-certain scores that rank tasks worse, AUROC 0.80 against 0.83). With repeats 4, harm
+    1.5 to 2.5 cost known shapes 1.1-1.2 points there (harm 3: -0.4 but novel 0.454 after 16), so one stays the
+    default; with mirrored crops and harm 0, repeats 4 gained 3.2 / 3.5 points at -0.8 (see README, Learning)."""
 
     shrinkage: float = 0.3
     temperatures: tuple[float, ...] = (4.0, 16.0, 64.0)
     margins: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0)
     harm: float = 2.0
     folds: int = 5
+    repeats: int = 1
 
     @property
     def method(self) -> str:
@@ -260,23 +267,25 @@ def fit_head(index: HeadIndex, labelset: LabelSet, zero_shot: ZeroShot,
         return None   # one class: nothing to tell apart
     zs = _with_background_column(zero_shot(keys), n, bool((targets == n).any()))
     right = zs.argmax(1).clamp(max=n) == targets          # what zero-shot alone names right
-    folds = _folds(groups, settings.folds)
-    fold_grams = grams(keys, groups, folds) if grams is not None else None
-    stats = _Statistics(keys, targets, zs[:, :n].argmax(1), folds, settings.shrinkage, fold_grams)
+    named = zs[:, :n].argmax(1)
+    dual = len(keys) < keys.shape[1]                      # fewer examples than dimensions: solve N x N systems
+    kernel = keys @ keys.T if dual else None
     temperatures = torch.tensor(settings.temperatures)[:, None, None, None]   # the grid on leading dimensions
     margins = torch.tensor(settings.margins)[None, :, None, None]
-    value, baseline = torch.zeros(len(settings.temperatures), len(settings.margins)), 0.0
-    for fold in range(len(stats.counts)):
-        held = folds == fold
-        fitted = stats.gda(n, without=fold)
-        if fitted is None:
-            continue
-        baseline += float(right[held].sum())
-        classes, weights, bias, learned = fitted
-        scores = temperatures * (keys[held] @ weights.T + bias)
-        predicted = _combine(zs[held], scores, classes, learned, margins, n).argmax(-1).clamp(max=n)
-        wrong = predicted != targets[held]
-        value += (~wrong).sum(-1) - settings.harm * (wrong & right[held]).sum(-1)
+    value, baseline, stats = torch.zeros(len(settings.temperatures), len(settings.margins)), 0.0, None
+    for repeat, folds in enumerate(_fold_assignments(groups, settings.folds, _repeats(keys, settings))):
+        fold_grams = grams(keys, groups, folds) if grams is not None and repeat == 0 and not dual else None
+        stats = _Statistics(keys, targets, named, folds, settings.shrinkage, fold_grams, kernel)
+        for fold in range(len(stats.counts)):
+            held = folds == fold
+            scored = stats.held_scores(n, fold)
+            if scored is None:
+                continue
+            baseline += float(right[held].sum())
+            classes, scores, learned = scored
+            predicted = _combine(zs[held], temperatures * scores, classes, learned, margins, n).argmax(-1)
+            wrong = predicted.clamp(max=n) != targets[held]
+            value += (~wrong).sum(-1) - settings.harm * (wrong & right[held]).sum(-1)
     best = int(torch.argmax(value))   # the first best: the lowest temperature and margin among ties
     classes, weights, bias, learned = stats.gda(n)
     if value.flatten()[best] <= baseline or not learned.any():
@@ -318,29 +327,33 @@ class _GramCache:
 
 
 class _Statistics:
-    """Per fold: the Gram matrix, per-class sums and counts, and how many of each class zero-shot named right.
-    Every fold's GDA comes from these sums, so the examples are read once however many folds there are."""
+    """Per fold: per-class sums and counts, how many of each class zero-shot named right, and the Gram matrix
+    (``grams``) or, with fewer examples than dimensions, the examples' ``kernel`` (their dot products). Every
+    fold's GDA comes from these, so the examples are read once however many folds there are."""
 
     def __init__(self, keys: torch.Tensor, targets: torch.Tensor, named: torch.Tensor, folds: torch.Tensor,
-                 shrinkage: float, grams: list[torch.Tensor] | None = None):
+                 shrinkage: float, grams: list[torch.Tensor] | None = None, kernel: torch.Tensor | None = None):
+        self.keys, self.folds, self.kernel = keys, folds, kernel
         self.classes, self.shrinkage = targets.unique(), shrinkage
         shape = (int(folds.max()) + 1, len(self.classes))
-        cell = folds * shape[1] + torch.searchsorted(self.classes, targets)     # (fold, class) of each example
+        self.position = torch.searchsorted(self.classes, targets)              # each example's class
+        cell = folds * shape[1] + self.position                                # (fold, class) of each example
         size = shape[0] * shape[1]
         self.sums = keys.new_zeros(size, keys.shape[1]).index_add_(0, cell, keys).view(*shape, -1)
         self.counts = torch.bincount(cell, minlength=size).float().view(shape)
         self.hits = torch.bincount(cell[named == targets], minlength=size).float().view(shape)
-        if grams is None:
+        if grams is None and kernel is None:
             grams = [keys[folds == f].T @ keys[folds == f] for f in range(shape[0])]
         self.grams = grams
-        self.totals = [part.sum(0) for part in (self.sums, self.counts, self.hits)] + [sum(grams)]
+        self.totals = [part.sum(0) for part in (self.sums, self.counts, self.hits)]
 
     def gda(self, n: int, without: int | None = None):
         """GDA over the examples outside fold ``without`` (None: all): class means and one shared covariance shrunk
         towards its average variance (scores whose scale does not depend on the embedding size), as (classes,
         weights, bias, learned); None when fewer than two classes are left. The memory decides (``learned``)
         background and labels whose examples zero-shot named right less than half of the time."""
-        parts = self.totals
+        gram = sum(self.grams) if self.grams is not None else self.keys.T @ self.keys
+        parts = self.totals + [gram]
         if without is not None:
             parts = [total - part[without] for total, part in zip(parts, (self.sums, self.counts, self.hits,
                                                                             self.grams))]
@@ -356,8 +369,44 @@ class _Statistics:
         shrunk.mul_((1 - self.shrinkage) / total).diagonal().add_(self.shrinkage * average + 1e-6)
         weights = torch.cholesky_solve(means.T, torch.linalg.cholesky(shrunk)).T * average
         bias = -0.5 * (weights * means).sum(1)
-        learned = (classes >= n) | (2 * hits[present] < counts)
-        return classes, weights, bias, learned
+        return classes, weights, bias, self._learned(classes, hits[present], counts, n)
+
+    def held_scores(self, n: int, fold: int):
+        """The GDA scores, fitted without fold ``fold``, of that fold's examples, as (classes, scores, learned);
+        None when fewer than two classes are left."""
+        held = self.folds == fold
+        if self.kernel is None:
+            fitted = self.gda(n, without=fold)
+            if fitted is None:
+                return None
+            classes, weights, bias, learned = fitted
+            return classes, self.keys[held] @ weights.T + bias, learned
+        # The same GDA in dual form: with X the training examples, A their class-averaging matrix and P = I - XA's
+        # projector onto within-class differences, (bI + aX'PX)^-1 X' = X'(bI + aPXX')^-1, so an N x N system
+        # replaces the D x D one and X enters only through the kernel XX'.
+        train = ~held
+        counts, hits = (total - part[fold] for total, part in zip(self.totals[1:], (self.counts, self.hits)))
+        present = counts > 0
+        if int(present.sum()) < 2:
+            return None
+        classes, counts = self.classes[present], counts[present]
+        kernel = self.kernel[train][:, train]
+        member = F.one_hot((present.cumsum(0) - 1)[self.position[train]], len(classes)).to(kernel.dtype)
+        average_rows = member.T / counts[:, None]                               # A: class means = A X
+        means_kernel = average_rows @ kernel                                    # A XX'
+        within = kernel - member @ means_kernel                                 # P XX'
+        total = len(kernel)
+        average = float(within.trace()) / (self.keys.shape[1] * total) + 1e-6
+        system = within.mul((1 - self.shrinkage) / total)
+        system.diagonal().add_(self.shrinkage * average + 1e-6)
+        solution = torch.linalg.solve(system, average_rows.T) * average         # W' = X' solution
+        bias = -0.5 * (means_kernel @ solution).diagonal()
+        scores = self.kernel[held][:, train] @ solution + bias
+        return classes, scores, self._learned(classes, hits[present], counts, n)
+
+    @staticmethod
+    def _learned(classes: torch.Tensor, hits: torch.Tensor, counts: torch.Tensor, n: int) -> torch.Tensor:
+        return (classes >= n) | (2 * hits < counts)
 
 
 def _combine(logits: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, learned: torch.Tensor,
@@ -389,18 +438,47 @@ def _with_background_column(logits: torch.Tensor, n: int, needed: bool) -> torch
     return torch.cat([logits, floor], 1)
 
 
+def _sources(groups: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Each example's source number (a source's rows are consecutive) and how many sources there are."""
+    changes = torch.ones(len(groups), dtype=torch.long)
+    changes[1:] = groups[1:] != groups[:-1]
+    return changes.cumsum(0) - 1, int(changes.sum())
+
+
 def _folds(groups: torch.Tensor, folds: int) -> torch.Tensor:
     """Fold per example, numbered from 0: by source (annotation) when there are several, else by example. With
     many sources, a source's fold comes from its content hash alone, so a new annotation leaves every other
     source in its fold (and the other folds' Gram matrices cached); with fewer (under 20 per fold, where hashing
     leaves folds uneven, which measurably made cross-validation pick worse on the shapes world), round robin in
     source order."""
-    changes = torch.ones(len(groups), dtype=torch.long)
-    changes[1:] = groups[1:] != groups[:-1]                   # a source's rows are consecutive
-    sources = int(changes.sum())
+    source, sources = _sources(groups)
     if sources >= 20 * folds:
         return groups % folds
     if sources >= 2:
-        return (changes.cumsum(0) - 1) % min(folds, sources)
+        return source % min(folds, sources)
     return torch.arange(len(groups)) % max(2, min(folds, len(groups)))
 
+
+def _fold_assignments(groups: torch.Tensor, folds: int, repeats: int) -> list[torch.Tensor]:
+    """``_folds``, then ``repeats - 1`` other assignments that deal the sources round robin in other orders,
+    each from the sources' content hashes (the same memory always gets the same folds)."""
+    first = _folds(groups, folds)
+    source, sources = _sources(groups)
+    if repeats < 2 or sources < 2:
+        return [first]
+    hashes, count = groups[source.diff(prepend=torch.tensor([-1])) > 0].tolist(), int(first.max()) + 1
+    out = [first]
+    for repeat in range(1, repeats):
+        order = torch.tensor(sorted(range(sources), key=lambda i: hash((hashes[i], repeat))))  # ints: no salt
+        dealt = torch.empty(sources, dtype=torch.long)
+        dealt[order] = torch.arange(sources) % count
+        out.append(dealt[source])
+    return out
+
+
+def _repeats(keys: torch.Tensor, settings: AdapterSettings) -> int:
+    """How many fold assignments cross-validation averages over: ``settings.repeats`` while that costs no more
+    solving than one plain cross-validation at 512 dimensions (each fold solves a system the size of the smaller
+    of examples and dimensions), so small projects get the steadier choice and large ones keep their speed."""
+    size = min(keys.shape)
+    return max(1, min(settings.repeats, (settings.folds + 1) * 512 ** 3 // (settings.folds * size ** 3)))
