@@ -352,8 +352,7 @@ class _Statistics:
         towards its average variance (scores whose scale does not depend on the embedding size), as (classes,
         weights, bias, learned); None when fewer than two classes are left. The memory decides (``learned``)
         background and labels whose examples zero-shot named right less than half of the time."""
-        gram = sum(self.grams) if self.grams is not None else self.keys.T @ self.keys
-        parts = self.totals + [gram]
+        parts = self.totals + [self._total_gram]
         if without is not None:
             parts = [total - part[without] for total, part in zip(parts, (self.sums, self.counts, self.hits,
                                                                             self.grams))]
@@ -370,6 +369,10 @@ class _Statistics:
         weights = torch.cholesky_solve(means.T, torch.linalg.cholesky(shrunk)).T * average
         bias = -0.5 * (weights * means).sum(1)
         return classes, weights, bias, self._learned(classes, hits[present], counts, n)
+
+    @cached_property
+    def _total_gram(self) -> torch.Tensor:
+        return sum(self.grams) if self.grams is not None else self.keys.T @ self.keys
 
     def held_scores(self, n: int, fold: int):
         """The GDA scores, fitted without fold ``fold``, of that fold's examples, as (classes, scores, learned);
