@@ -4,9 +4,10 @@
 ``auto`` picks, per device, the fastest variant that keeps the labels (see README, "Speed"): fp16 on CUDA, bf16
 on a CPU with native bf16 instructions (AVX512-BF16 or AMX; emulated bf16 is slower than fp32), fp32 elsewhere.
 The heavy parts get their weights converted once (``torch.autocast`` re-casts them on every call, which costs
-most of the gain on a CPU): the detector's backbone and its RPN and box heads (channels-last), and CLIP's image
-tower. Box decoding, NMS and the text tower stay fp32: rounding there would move boxes or the cached text
-embeddings. ``int8`` (dynamic int8 Linear layers in CLIP's image tower, CPU only; the detector stays fp32) is
+most of the gain on a CPU): the detector's backbone, its RPN head's convolutions and its box head
+(channels-last), and CLIP's image tower. The RPN's objectness and box-delta layers, box decoding, NMS and the text
+tower stay fp32: rounding there would reorder proposals, move boxes or the cached text embeddings. ``int8``
+(dynamic int8 Linear layers in CLIP's image tower but its first block, CPU only; the detector stays fp32) is
 offered but never picked by ``auto``: its embeddings agree less with fp32's (see README).
 """
 from __future__ import annotations
@@ -51,15 +52,15 @@ def _cast(value, dtype: torch.dtype, memory_format: torch.memory_format):
 def apply_to_detector(model: nn.Module, precision: str, backbone: bool = True) -> nn.Module:
     """A torchvision detector (Faster R-CNN or SSD) with its heavy parts in ``precision``: the backbone (unless
     ``backbone`` is False: another runtime runs it) and the heads that run convolutions or large layers on every
-    location or proposal (the RPN's head and the box head; SSD's head). Box decoding, NMS and the final box
-    layers stay fp32."""
+    location or proposal (the RPN head's convolutions and the box head; SSD's head). The RPN's objectness and
+    box-delta layers, box decoding, NMS and the final box layers stay fp32."""
     if precision not in DTYPES:
         return model
     dtype = DTYPES[precision]
     if backbone:
         model.backbone = LowPrecision(model.backbone, dtype, channels_last=True)
-    if hasattr(model, "rpn"):
-        model.rpn.head = LowPrecision(model.rpn.head, dtype, channels_last=True)
+    if hasattr(model, "rpn"):   # its last 1x1 layers stay fp32: objectness in bf16 reordered proposals (see README)
+        model.rpn.head.conv = LowPrecision(model.rpn.head.conv, dtype, channels_last=True)
         model.roi_heads.box_head = LowPrecision(model.roi_heads.box_head, dtype, channels_last=True)
     else:
         model.head = LowPrecision(model.head, dtype, channels_last=True)
