@@ -4,7 +4,7 @@
     python bench/pipeline.py --tiny          # the bundled tiny models, 1 small round: a smoke test (seconds)
 
 Also in the same run: the default (``PRECISION=auto``, ``RUNTIME=auto``) vs fp32 end to end and per stage, with the
-CLIP embeddings' agreement, and vs torch at the default precision when the default runtime is another; the
+CLIP embeddings' agreement, and vs the other runtime (torch or OpenVINO) at the default precision; the
 ``PROFILE=cpu`` detector end to end; what ``CROP_MIRROR`` adds; interactive box → label latency; and the peak RSS
 of a fresh process holding the default models (child processes, so this one's extra copies do not count), on a
 first start (converting, when the runtime converts) and on a second (reading the converted models from the cache).
@@ -313,9 +313,9 @@ def main() -> None:
     print(f"interactive box -> label: {latency * 1000:.0f} ms (one box, decode included, warm, median of 5"
           f"{other_latency})")
     children = os.path.join(work, "rss")   # empty: the first child converts, the second reads its cache
-    first = peak_rss(args, children)
+    first = peak_rss(args, children) if runtime == "openvino" else None   # only a converting runtime differs
     print(f"peak RSS, one process with the default models: {peak_rss(args, children):.2f} GiB")
-    if runtime == "openvino":
+    if first is not None:
         print(f"peak RSS on a first start (converting to OpenVINO): {first:.2f} GiB")
     shutil.rmtree(work, ignore_errors=True)
     print(f"CROP_MIRROR: CLIP stage {mirrored / single:.1f}x the time, end to end "

@@ -211,9 +211,7 @@ class Memory:
         token = hashlib.sha256(repr(hashes).encode()).hexdigest()[:16] if size else ""
         if outcomes:   # the outcomes shape the scores: a new one is a new state
             token = hashlib.sha256(f"{token}:{outcomes}".encode()).hexdigest()[:16]
-        if previous is not None:
-            return cls(heads, token, size, tuple(outcomes), _grams=previous._grams)
-        return cls(heads, token, size, tuple(outcomes))
+        return cls(heads, token, size, tuple(outcomes), _grams=previous._grams if previous else _GramCache())
 
     def __len__(self) -> int:
         return self.size
@@ -352,11 +350,8 @@ class _Statistics:
         towards its average variance (scores whose scale does not depend on the embedding size), as (classes,
         weights, bias, learned); None when fewer than two classes are left. The memory decides (``learned``)
         background and labels whose examples zero-shot named right less than half of the time."""
-        parts = self.totals + [self._total_gram]
-        if without is not None:
-            parts = [total - part[without] for total, part in zip(parts, (self.sums, self.counts, self.hits,
-                                                                            self.grams))]
-        sums, counts, hits, gram = parts
+        sums, counts, hits = self._outside(without)
+        gram = self._total_gram if without is None else self._total_gram - self.grams[without]
         present = counts > 0
         if int(present.sum()) < 2:
             return None
@@ -369,6 +364,12 @@ class _Statistics:
         weights = torch.cholesky_solve(means.T, torch.linalg.cholesky(shrunk)).T * average
         bias = -0.5 * (weights * means).sum(1)
         return classes, weights, bias, self._learned(classes, hits[present], counts, n)
+
+    def _outside(self, fold: int | None) -> list[torch.Tensor]:
+        """Per-class sums, counts and zero-shot hits over the examples outside ``fold`` (None: all)."""
+        if fold is None:
+            return self.totals
+        return [total - part[fold] for total, part in zip(self.totals, (self.sums, self.counts, self.hits))]
 
     @cached_property
     def _total_gram(self) -> torch.Tensor:
@@ -388,7 +389,7 @@ class _Statistics:
         # projector onto within-class differences, (bI + aX'PX)^-1 X' = X'(bI + aPXX')^-1, so an N x N system
         # replaces the D x D one and X enters only through the kernel XX'.
         train = ~held
-        counts, hits = (total - part[fold] for total, part in zip(self.totals[1:], (self.counts, self.hits)))
+        _, counts, hits = self._outside(fold)
         present = counts > 0
         if int(present.sum()) < 2:
             return None
@@ -469,7 +470,7 @@ def _fold_assignments(groups: torch.Tensor, folds: int, repeats: int) -> list[to
     source, sources = _sources(groups)
     if repeats < 2 or sources < 2:
         return [first]
-    hashes, count = groups[source.diff(prepend=torch.tensor([-1])) > 0].tolist(), int(first.max()) + 1
+    hashes, count = groups.unique_consecutive().tolist(), int(first.max()) + 1   # one hash per source
     out = [first]
     for repeat in range(1, repeats):
         order = torch.tensor(sorted(range(sources), key=lambda i: hash((hashes[i], repeat))))  # ints: no salt
