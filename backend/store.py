@@ -41,6 +41,8 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
+from cachetools import LRUCache
+
 from .labeling.adapter import Examples, Memory
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ TOMBSTONE = 1e300                  # the stamp of a forgotten source: nothing is
 CLOCK_SLACK_S = 300                # a stored stamp further ahead of this clock was forged
 PREDICTION_TTL_S = 90 * 24 * 3600  # how long the record of a task's prediction is kept (Redis)
 SQLITE_FILE = "learning.sqlite3"
+MEMORIES_KEPT = 32                 # decoded memories a process keeps, least recently used first to go: a request
+                                   # can name any project, and one with 2,000 examples at 512 dimensions holds ~15 MB
 
 
 class StoreUnavailable(RuntimeError):
@@ -72,8 +76,9 @@ class Store:
     """The interface both stores implement, plus the per-process cache of decoded memories."""
 
     def __init__(self):
-        self._cache: dict[tuple[int, str], tuple[int, Memory]] = {}
-        self._decoded: dict[tuple[int, str], dict[str, tuple[bytes, Examples]]] = {}   # source → (payload, decoded)
+        # (project, space) → revision, memory, and per source (payload, decoded) to rebuild the next one from
+        self._cache: LRUCache[tuple[int, str], tuple[int, Memory, dict[str, tuple[bytes, Examples]]]] = \
+            LRUCache(MEMORIES_KEPT)
         self._cache_lock = threading.Lock()
 
     # -- implemented per store
@@ -108,18 +113,17 @@ class Store:
         return {k: v for k, v in self.snapshot(project, space)[1].items() if v[2]}
 
     def memory(self, project: int, space: str) -> tuple[int, Memory]:
-        """The project's memory, decoded once per revision and process; records unchanged since the last revision
-        are not decoded again, and the memory reuses the last one's per-fold Gram matrices (one new annotation:
-        one fold's)."""
+        """The project's memory, decoded once per revision and process (for the ``MEMORIES_KEPT`` projects used
+        last); records unchanged since the last revision are not decoded again, and the memory reuses the last
+        one's per-fold Gram matrices (one new annotation: one fold's)."""
         key = (project, space)
         revision = self.revision(project, space)
         with self._cache_lock:
             cached = self._cache.get(key)
         if cached and cached[0] == revision:
-            return cached
+            return cached[:2]
         revision, records = self.snapshot(project, space)
-        with self._cache_lock:
-            before = self._decoded.get(key, {})
+        before = cached[2] if cached else {}
         decoded: dict[str, tuple[bytes, Examples]] = {}
         for source in sorted(records):
             payload = records[source][2]
@@ -133,11 +137,11 @@ class Store:
             except (ValueError, KeyError, RuntimeError) as error:
                 log.warning("project %s: unreadable memory record %r skipped: %s", project, source, error)
         memory = Memory.build([examples for _, examples in decoded.values()], previous=cached[1] if cached else None)
-        loaded = (revision, memory)
         with self._cache_lock:
-            if key not in self._cache or self._cache[key][0] < revision:
-                self._cache[key], self._decoded[key] = loaded, decoded
-        return loaded
+            latest = self._cache.get(key)
+            if latest is None or latest[0] < revision:
+                self._cache[key] = (revision, memory, decoded)
+        return revision, memory
 
     def tasks_sources(self, project: int, space: str, tasks: set[int]) -> list[str]:
         """The live sources learned from these tasks."""

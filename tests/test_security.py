@@ -481,6 +481,29 @@ def test_ten_thousand_labels_are_refused_naming_the_limit(serve):
         assert "10000 labels, above the limit of 1000 (MAX_LABELS)" in answer.json()["error"]
 
 
+def test_requests_naming_many_projects_keep_a_bounded_number_of_memories(serve):
+    """Before: every project a request named kept its decoded memory in the process for good (verified failing
+    before the fix: 81 memories after /setup for 81 projects). Now the least recently used go, and a project's
+    memory comes back from the store, the same, when it is named again."""
+    from backend.store import MEMORIES_KEPT
+
+    url, backend = serve(URL_SECRET="s3cret")
+    post(url + "/s3cret/webhook", forged("ANNOTATION_CREATED", 41, label="circle"))
+    backend.learning.jobs.wait(60)
+
+    def setup(project: int) -> str:
+        answer = post(url + "/s3cret/setup", {"project": f"{project}.1", "schema": LEARN_CONFIG})
+        assert answer.status_code == 200, answer.text
+        return answer.json()["model_version"]
+
+    learned_version = setup(1)
+    others = {setup(project) for project in range(2, MEMORIES_KEPT + 50)}
+    assert len(backend.learning.store._cache) == MEMORIES_KEPT
+    assert (1, backend.learning.space) not in backend.learning.store._cache
+    assert learned_version not in others and setup(1) == learned_version
+    assert learned(backend) == {"circle"}
+
+
 def test_text_embeddings_are_batched_and_their_cache_bounded(labeler, monkeypatch):
     from backend.labeling import clip as clip_module
 
