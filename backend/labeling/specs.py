@@ -88,10 +88,11 @@ def openvino_installed() -> bool:
 
 def resolve_runtime(requested: str, device, precision: str) -> str:
     """What runs the heavy parts (CLIP's image tower, the detector's backbone) at the resolved ``precision`` on
-    ``device``. ``auto``: torch everywhere. OpenVINO (``openvino``) ran the two parts only 1.1-1.2x faster than
-    torch bf16 with the product's dynamic input shapes, under the 1.3x that would justify a second runtime, 0.9x
-    end to end once the detector's heads run bf16 in torch too, and its first start (converting) peaked at 2.7 GiB,
-    over the 2.5 GiB budget; at fp32 it gained 1.1-1.3x end to end for 0.7 GiB more (see README, "Speed").
+    ``device``. ``auto``: torch everywhere. OpenVINO (``openvino``) ran the two parts 1.1-1.2x faster than torch
+    bf16 with the product's dynamic input shapes on a Zen 4 CPU and 1.2x / 1.6x on a Zen 5 (the 1.3x that would
+    justify a second runtime met by the backbone alone there), but only 0.9-1.1x end to end on both once the
+    detector's heads run bf16 in torch too, and its first start (converting) peaked at 2.7 GiB, over the 2.5 GiB
+    budget; at fp32 it gained 1.1-1.3x end to end for 0.7 GiB more (see README, "Speed").
     CUDA and ``int8`` (torch's dynamic quantisation) are torch only."""
     if requested not in RUNTIMES:
         raise ValueError(f"RUNTIME={requested!r}: use one of {', '.join(RUNTIMES)}")
