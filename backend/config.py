@@ -40,7 +40,7 @@ class Settings:
     detector_weights: str = setting("", "detector state-dict file; empty = torchvision's COCO file in the torch hub cache (TORCH_HOME; downloaded on first use)")
     detector_weights_url: str = setting("", "where to download torchvision's COCO file from (a mirror); empty = torchvision's URL; the file's hash is checked")
     offline: bool = setting(False, "never touch the network: models must be in the caches already (`HF_HUB_OFFLINE=1` does the same)")
-    profile: str = setting("default", "`default` (R50-FPN v2) or `cpu` (SSDlite320 MobileNetV3 detector: ≥ 2 images/s end to end on a laptop CPU, less recall; see README)")
+    profile: str = setting("default", "`default` (R50-FPN v2) or `cpu` (SSDlite320 MobileNetV3 detector, less recall: 3.0-3.2 images/s end to end on a 2-core Zen 5 with bf16, 1.6 on a Zen 4; see README, Speed)")
     device: str = setting("auto", "`auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`")
     precision: str = setting("auto", "`auto` (fp16 on CUDA, bf16 on a CPU with AVX512-BF16/AMX, else fp32; the detector's backbone and heads and CLIP's image tower), `fp32`, `bf16`, `int8` (CLIP's image tower's Linear layers but its first block, CPU; agrees less), `fp16` (CUDA); see README, Speed")
     runtime: str = setting("auto", "`auto` (= `torch`: OpenVINO measured under 1.3x of torch bf16 with the product's input shapes), `torch`, `openvino` (CPU, fp32 or bf16; the image tower and detector backbone, converted on first start and cached under MODEL_DIR/openvino); see README, Speed")
