@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--n", type=int, default=20)
     demo.add_argument("--seed", type=int, default=0)
 
-    train = sub.add_parser("train-tiny", help="retrain the bundled tiny models (fixed seeds, ~28 min on 2 cores)")
+    train = sub.add_parser("train-tiny", help="retrain the bundled tiny models (fixed seeds, ~32 min on 2 cores)")
     train.add_argument("--out", default=None, help="default: backend/assets/tiny")
 
     pre = sub.add_parser("preannotate",

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from backend.demo.shapes import scenes
-from backend.demo.train_tiny import Recipe, train_all
+from backend.demo.shapes import EXTRA_SHAPES, KNOWN_SHAPES, NOVEL_SHAPES, SHAPES, scenes
+from backend.demo.train_tiny import CLIP_SHAPES, Recipe, captions_corpus, train_all
 from backend.labeling.clip import Clip
 from backend.labeling.detectors import load_detector
 from backend.labeling.errors import ModelUnavailable
@@ -81,3 +81,18 @@ def test_training_is_reproducible_from_its_seed(tmp_path):
     clip_a = Clip.load(str(tmp_path / "a" / "clip")).model.state_dict()
     clip_b = Clip.load(str(tmp_path / "b" / "clip")).model.state_dict()
     assert all(torch.equal(clip_a[k], clip_b[k]) for k in clip_a)
+
+
+def test_the_tiny_clip_learns_extra_shapes_but_never_the_novel_ones_nor_their_names():
+    """What makes the novel shapes novel: the tiny CLIP learns the known and the extra shapes, no scene the tests
+    and benches score shows an extra one, and the novel names are in no caption nor in its tokenizer's vocabulary
+    (it spells them in pieces)."""
+    assert set(CLIP_SHAPES) == set(KNOWN_SHAPES) | set(EXTRA_SHAPES)
+    assert not set(EXTRA_SHAPES) & set(SHAPES)
+    assert all(o.shape in SHAPES for scene in scenes(2000, 50) for o in scene.objects)
+    words = {w.strip(".") for caption in captions_corpus() for w in caption.split()}
+    assert set(CLIP_SHAPES) <= words and not set(NOVEL_SHAPES) & words
+    vocabulary = Clip.load(str(TINY_DIR / "clip")).tokenizer.get_vocab()
+    for name in NOVEL_SHAPES:
+        assert name not in vocabulary and f"{name}</w>" not in vocabulary
+    assert all(f"{name}</w>" in vocabulary for name in CLIP_SHAPES)

@@ -2,7 +2,9 @@
 
 Coloured geometric objects of many sizes (40 % of them tiny) on cluttered, textured backgrounds, with small
 unlabelled distractor blobs. Two shapes (``NOVEL_SHAPES``) never appear in the tiny models' training data:
-they show what zero-shot cannot do and what learning from corrections adds.
+they show what zero-shot cannot do and what learning from corrections adds. ``EXTRA_SHAPES`` are never in the
+scenes the tests and benches score: only the tiny CLIP learns them, so that, like a real CLIP, it knows more
+concepts than any project asks it about (and embeds new ones among them, not between six).
 
 >>> scene = render_scene(np.random.default_rng(0))
 >>> scene.image.size, all(o.shape in SHAPES for o in scene.objects)
@@ -20,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFilter
 KNOWN_SHAPES = ("circle", "square", "triangle", "star", "cross", "hexagon")
 NOVEL_SHAPES = ("diamond", "pentagon")
 SHAPES = KNOWN_SHAPES + NOVEL_SHAPES
+EXTRA_SHAPES = ("octagon", "heptagon", "ellipse", "rectangle", "trapezoid", "arrow", "crescent", "heart")
 COLOURS = {
     "red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 80, 215), "yellow": (235, 210, 40),
     "purple": (140, 60, 170), "orange": (245, 140, 30), "white": (240, 240, 240), "black": (25, 25, 25),
@@ -68,9 +71,47 @@ def _polygon(shape: str, radius: float, angle: float) -> np.ndarray | None:
     elif shape == "pentagon":
         pts = ring(5, -math.pi / 2) * 1.08
     else:
-        raise ValueError(f"unknown shape {shape!r}")
+        pts = _extra_polygon(shape)
     c, s = math.cos(angle), math.sin(angle)
     return pts @ np.array([[c, s], [-s, c]]) * radius
+
+
+def _extra_polygon(shape: str) -> np.ndarray:
+    """``EXTRA_SHAPES``' vertices around (0, 0), before rotation and scaling."""
+    def ring(n, start, r=1.0):
+        a = start + 2 * math.pi * np.arange(n) / n
+        return np.stack([r * np.cos(a), r * np.sin(a)], 1)
+
+    if shape == "octagon":
+        return ring(8, math.pi / 8) * 1.05
+    if shape == "heptagon":
+        return ring(7, -math.pi / 2) * 1.06
+    if shape == "ellipse":   # aspect ~1.9: never a circle
+        a = 2 * math.pi * np.arange(64) / 64
+        return np.stack([1.3 * np.cos(a), 0.68 * np.sin(a)], 1)
+    if shape == "rectangle":   # 2:1, never a square
+        return np.array([[-1.35, -0.66], [1.35, -0.66], [1.35, 0.66], [-1.35, 0.66]])
+    if shape == "trapezoid":   # isosceles, flat top and bottom: no apex, never a diamond
+        return np.array([[-0.65, -0.7], [0.65, -0.7], [1.3, 0.7], [-1.3, 0.7]])
+    if shape == "arrow":   # pointing right (training flips crops, so left too)
+        return np.array([[-1.25, -0.3], [0.15, -0.3], [0.15, -0.85], [1.25, 0.0], [0.15, 0.85], [0.15, 0.3],
+                         [-1.25, 0.3]])
+    if shape == "crescent":   # the unit disc minus a disc of radius 0.9 shifted right by 0.5
+        d, r2 = 0.5, 0.9
+        x = (d * d + 1 - r2 * r2) / (2 * d)
+        y = math.sqrt(1 - x * x)
+        t1 = math.atan2(y, x)
+        outer = np.linspace(t1, 2 * math.pi - t1, 48)
+        inner = np.linspace(math.atan2(-y, x - d) % (2 * math.pi), math.atan2(y, x - d), 40)
+        pts = np.concatenate([np.stack([np.cos(outer), np.sin(outer)], 1),
+                              np.stack([d + r2 * np.cos(inner), r2 * np.sin(inner)], 1)])
+        return (pts - (pts.max(0) + pts.min(0)) / 2) * 1.25
+    if shape == "heart":
+        t = 2 * math.pi * np.arange(72) / 72
+        pts = np.stack([16 * np.sin(t) ** 3,
+                        -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))], 1)
+        return (pts - (pts.max(0) + pts.min(0)) / 2) / 16 * 1.15
+    raise ValueError(f"unknown shape {shape!r}")
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -70,7 +70,8 @@ class AdapterSettings:
     label needs over the trusted ones): what cross-validation picks from; ``harm``: the extra cost, in
     cross-validation, of an example zero-shot named right that the memory names wrong; ``folds``:
     cross-validation folds; ``repeats``: fold assignments cross-validation averages over, while cheap
-    (``_repeats``). Chosen on the shapes world's validation scenes (bench/corrections.py --tune): the
+    (``_repeats``). Chosen on the shapes world's validation scenes with the previous tiny CLIP, which knew six shapes
+(bench/corrections.py --tune): the
     novel-shape accuracy after 16 shots highest among the settings that kept known shapes within a point of
     zero-shot (shrinkage 0.3, harm 2: -0.9 points, novel 0.423 / 0.543 after 4 / 16; harm 0 and 1: -1.3;
     shrinkage 0.6: -1.3 to -2.1; temperatures 64/256/1024: novel 0.463 / 0.572 for -1.1, 0.463 / 0.550 for -1.0

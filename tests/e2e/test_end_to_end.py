@@ -39,7 +39,7 @@ pytestmark = pytest.mark.e2e
 
 SEED = 6000  # scenes the tiny models never saw (training uses seed 0, the unit tests 2000-3001)
 N_UPLOADED = 8  # uploaded scenes; one more scene is the plain-URL task
-# Measured on the bundled tiny models (training.json: 1400 CLIP steps, 900 detector steps) over the 9 scenes
+# Measured on the bundled tiny models (training.json: 2800 CLIP steps, 900 detector steps) over the 9 scenes
 # of SEED, 31 objects (19 of known shapes), with `pytest tests/e2e/test_end_to_end.py -s -k retrieve`:
 # box recall at IoU 0.5 1.00 (31/31), box precision 1.00, labelled recall on the known shapes 1.00 (19/19),
 # on the novel ones 0.00 (0/12: zero-shot cannot name them). Asserted with a margin of ~4 objects each.
