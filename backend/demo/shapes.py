@@ -44,32 +44,34 @@ class Scene:
     distractors: list[tuple[float, float, float, float]] = field(default_factory=list)
 
 
+def _ring(n: int, start: float, radii: tuple[float, ...] = (1.0,)) -> np.ndarray:
+    """``n`` vertices at equal angles from ``start``, their distances cycling through ``radii``."""
+    k = np.arange(n)
+    r = np.asarray(radii * (n // len(radii)))
+    a = start + 2 * math.pi * k / n
+    return np.stack([r * np.cos(a), r * np.sin(a)], 1)
+
+
 def _polygon(shape: str, radius: float, angle: float) -> np.ndarray | None:
     """Vertices around (0, 0); None for the circle."""
-    def ring(n, start, radii=(1.0,)):
-        k = np.arange(n)
-        r = np.asarray(radii * (n // len(radii)))
-        a = start + 2 * math.pi * k / n
-        return np.stack([r * np.cos(a), r * np.sin(a)], 1)
-
     if shape == "circle":
         return None
     if shape == "square":
-        pts = ring(4, math.pi / 4) * 1.25
+        pts = _ring(4, math.pi / 4) * 1.25
     elif shape == "diamond":  # a tall rhombus: never confused with a rotated square (rotation stays < 0.25 rad)
         pts = np.array([[0, -1.2], [0.75, 0], [0, 1.2], [-0.75, 0]])
     elif shape == "triangle":
-        pts = ring(3, -math.pi / 2) * 1.2
+        pts = _ring(3, -math.pi / 2) * 1.2
     elif shape == "star":
-        pts = ring(10, -math.pi / 2, (1.2, 0.5))
+        pts = _ring(10, -math.pi / 2, (1.2, 0.5))
     elif shape == "cross":
         w = 0.36
         pts = np.array([[-w, -1], [w, -1], [w, -w], [1, -w], [1, w], [w, w], [w, 1], [-w, 1], [-w, w],
                         [-1, w], [-1, -w], [-w, -w]])
     elif shape == "hexagon":
-        pts = ring(6, 0.0)
+        pts = _ring(6, 0.0)
     elif shape == "pentagon":
-        pts = ring(5, -math.pi / 2) * 1.08
+        pts = _ring(5, -math.pi / 2) * 1.08
     else:
         pts = _extra_polygon(shape)
     c, s = math.cos(angle), math.sin(angle)
@@ -78,14 +80,10 @@ def _polygon(shape: str, radius: float, angle: float) -> np.ndarray | None:
 
 def _extra_polygon(shape: str) -> np.ndarray:
     """``EXTRA_SHAPES``' vertices around (0, 0), before rotation and scaling."""
-    def ring(n, start, r=1.0):
-        a = start + 2 * math.pi * np.arange(n) / n
-        return np.stack([r * np.cos(a), r * np.sin(a)], 1)
-
     if shape == "octagon":
-        return ring(8, math.pi / 8) * 1.05
+        return _ring(8, math.pi / 8) * 1.05
     if shape == "heptagon":
-        return ring(7, -math.pi / 2) * 1.06
+        return _ring(7, -math.pi / 2) * 1.06
     if shape == "ellipse":   # aspect ~1.9: never a circle
         a = 2 * math.pi * np.arange(64) / 64
         return np.stack([1.3 * np.cos(a), 0.68 * np.sin(a)], 1)
